@@ -1,0 +1,86 @@
+"""Configuration in one place: a YAML profile from ``configs/`` plus ``BENTOWHISPER_*`` overrides.
+
+The profile is ``configs/cpu.yaml`` unless ``BENTOWHISPER_CONFIG`` names another file (for
+example ``configs/gpu.yaml``). Every field below can then be overridden by an environment
+variable named ``BENTOWHISPER_`` + the field name in upper case; lists are comma-separated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+ENV_PREFIX = "BENTOWHISPER_"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_PROFILE = REPO_ROOT / "configs" / "cpu.yaml"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Model: an embedded name ("tiny.en", "base"), a local checkpoint directory or a hub id.
+    model: str = "base"
+    # Names clients may send as `model`; the first is what /v1/models reports first.
+    model_aliases: list[str] = field(default_factory=lambda: ["whisper-1"])
+    # Where converted embedded checkpoints are cached.
+    models_dir: str = "~/.cache/bentowhisper/models"
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"  # "auto" (fp16 on GPU, fp32 on CPU), "float32", "float16", "bfloat16"
+    attn_implementation: str = "sdpa"
+    # Adaptive batching of 30 s windows across requests.
+    max_batch_size: int = 8
+    max_latency_ms: int = 60_000
+    # Request limits.
+    max_upload_mb: float = 25.0
+    max_audio_seconds: float = 3 * 3600.0
+    decode_timeout_s: float = 120.0
+    # Bearer keys; empty means no authentication.
+    api_keys: list[str] = field(default_factory=list)
+    api_key_file: str = ""
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def models_path(self) -> Path:
+        return Path(self.models_dir).expanduser()
+
+
+def _coerce(value: str, annotation: str) -> object:
+    hint = eval(annotation, {"list": list, "str": str, "int": int, "float": float})  # noqa: S307
+    if isinstance(hint, types.GenericAlias) and typing.get_origin(hint) is list:
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if hint is bool:
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    return hint(value)
+
+
+def load_settings(environ: typing.Mapping[str, str] | None = None) -> Settings:
+    """Read the profile named by ``BENTOWHISPER_CONFIG`` (or the CPU default), then env overrides."""
+    environ = os.environ if environ is None else environ
+    profile = Path(environ.get(ENV_PREFIX + "CONFIG", DEFAULT_PROFILE))
+    if not profile.is_absolute() and not profile.exists():
+        profile = REPO_ROOT / profile
+    values: dict[str, object] = yaml.safe_load(profile.read_text()) or {} if profile.exists() else {}
+    known = {f.name: f for f in dataclasses.fields(Settings)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown settings in {profile}: {sorted(unknown)}")
+    for name, spec in known.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _coerce(raw, str(spec.type))
+    return Settings(**values)
+
+
+@lru_cache(maxsize=1)
+def settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()
