@@ -54,7 +54,7 @@ class Settings:
 
 
 def _coerce(value: str, annotation: str) -> object:
-    hint = eval(annotation, {"list": list, "str": str, "int": int, "float": float})  # noqa: S307
+    hint = eval(annotation, {"list": list, "str": str, "int": int, "float": float})
     if isinstance(hint, types.GenericAlias) and typing.get_origin(hint) is list:
         return [item.strip() for item in value.split(",") if item.strip()]
     if hint is bool:
@@ -63,12 +63,14 @@ def _coerce(value: str, annotation: str) -> object:
 
 
 def load_settings(environ: typing.Mapping[str, str] | None = None) -> Settings:
-    """Read the profile named by ``BENTOWHISPER_CONFIG`` (or the CPU default), then env overrides."""
+    """Read the profile named by ``BENTOWHISPER_CONFIG`` (or the CPU default), then overrides."""
     environ = os.environ if environ is None else environ
     profile = Path(environ.get(ENV_PREFIX + "CONFIG", DEFAULT_PROFILE))
     if not profile.is_absolute() and not profile.exists():
         profile = REPO_ROOT / profile
-    values: dict[str, object] = yaml.safe_load(profile.read_text()) or {} if profile.exists() else {}
+    values: dict[str, object] = (
+        yaml.safe_load(profile.read_text()) or {} if profile.exists() else {}
+    )
     known = {f.name: f for f in dataclasses.fields(Settings)}
     unknown = set(values) - set(known)
     if unknown:

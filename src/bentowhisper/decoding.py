@@ -1,0 +1,329 @@
+"""Batched decoding of 30 s windows: the only code that calls the Whisper model.
+
+Every forward pass goes through :func:`decode_batch`, which takes a list of independent
+:class:`DecodeJob` (one window's log-mel features plus its own prompt, language, task and
+temperature) and returns one :class:`DecodeResult` each. Jobs from different requests share
+the encoder pass and every decoder step, which is what adaptive batching across requests needs.
+
+The decoding rules follow openai-whisper's ``DecodingTask`` (greedy at temperature 0, sampling
+above it, the blank/special-token suppression and the timestamp rules), vectorised over the
+batch so that the per-token Python cost does not grow with the batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from .alignment import align_tokens
+from .models import WhisperBundle
+from .vocabulary import Vocabulary
+
+log = logging.getLogger(__name__)
+
+N_FRAMES = 3000  # mel frames in a 30 s window (100 per second)
+SAMPLE_LEN = 224  # openai-whisper: at most n_text_ctx // 2 sampled tokens per window
+MAX_PROMPT = 223  # previous-text tokens kept: n_text_ctx // 2 - 1
+MAX_INITIAL_TIMESTAMP = 1.0  # seconds: the first timestamp may not start later than this
+
+
+class DecodeJob(BaseModel):
+    """One 30 s window to decode; everything it needs travels with it between services.
+
+    The log-mel features travel as raw float32 bytes: BentoML's inter-service serde wants
+    schema-able pydantic fields, and bytes cost no conversion on either side.
+    """
+
+    features: bytes  # float32 log-mel, shape (n_mels, 3000), C order
+    n_mels: int = 80
+    prompt: list[int] = Field(default_factory=list)  # previous-text tokens, no <|startofprev|>
+    language: str | None = None  # ISO code; None: detect from this window
+    task: str = "transcribe"
+    temperature: float = 0.0
+    timestamps: bool = True
+    word_timestamps: bool = False
+    num_frames: int = N_FRAMES  # frames of real audio in the window (for alignment)
+
+    @classmethod
+    def for_window(cls, mel: np.ndarray, **fields: object) -> DecodeJob:
+        mel = np.ascontiguousarray(mel, dtype=np.float32)
+        return cls(features=mel.tobytes(), n_mels=mel.shape[0], **fields)
+
+    def mel(self) -> np.ndarray:
+        return np.frombuffer(self.features, dtype=np.float32).reshape(self.n_mels, N_FRAMES)
+
+
+class DecodeResult(BaseModel):
+    tokens: list[int]  # sampled text and timestamp tokens, without <|endoftext|>
+    avg_logprob: float
+    no_speech_prob: float
+    language: str
+    language_probability: float
+    temperature: float
+    # With word_timestamps: per text token (tokens < eot) its start time in seconds from the
+    # window start, plus one final end time; and each text token's probability.
+    token_times: list[float] = Field(default_factory=list)
+    token_probs: list[float] = Field(default_factory=list)
+    error: str | None = None  # set when this item failed; the other items are unaffected
+
+
+def decode_batch(bundle: WhisperBundle, jobs: list[DecodeJob]) -> list[DecodeResult]:
+    """Decode every job in shared forward passes; a failure is reported per item, never raised.
+
+    If the batch as a whole fails (say, out of memory), each job is retried alone so that one
+    bad item cannot fail its neighbours.
+    """
+    if not jobs:
+        return []
+    try:
+        with torch.inference_mode():
+            return _decode(bundle, jobs)
+    except Exception as exc:
+        if len(jobs) == 1:
+            log.exception("decoding failed")
+            return [_failed(jobs[0], exc)]
+        log.warning("batch of %d failed (%s); retrying items one by one", len(jobs), exc)
+        return [result for job in jobs for result in decode_batch(bundle, [job])]
+
+
+def _failed(job: DecodeJob, exc: Exception) -> DecodeResult:
+    return DecodeResult(
+        tokens=[],
+        avg_logprob=-math.inf,
+        no_speech_prob=0.0,
+        language=job.language or "",
+        language_probability=0.0,
+        temperature=job.temperature,
+        error=f"{type(exc).__name__}: {exc}",
+    )
+
+
+def _decode(bundle: WhisperBundle, jobs: list[DecodeJob]) -> list[DecodeResult]:
+    model, vocab = bundle.model, bundle.vocab
+    device, dtype = bundle.device, bundle.dtype
+    features = torch.from_numpy(np.stack([job.mel() for job in jobs])).to(device, dtype)
+    encoded = model.model.encoder(features).last_hidden_state
+
+    languages = _resolve_languages(bundle, encoded, jobs)
+    prefixes = [
+        _prefix(vocab, job, language) for job, (language, _) in zip(jobs, languages, strict=True)
+    ]
+    tokens, sum_logprobs, no_speech = _sample(bundle, encoded, jobs, prefixes)
+
+    results = []
+    for i, job in enumerate(jobs):
+        language, language_probability = languages[i]
+        results.append(
+            DecodeResult(
+                tokens=tokens[i],
+                # openai-whisper: the sum includes <|endoftext|>, hence the + 1
+                avg_logprob=sum_logprobs[i] / (len(tokens[i]) + 1),
+                no_speech_prob=no_speech[i],
+                language=language,
+                language_probability=language_probability,
+                temperature=job.temperature,
+            )
+        )
+    wanted = [i for i, job in enumerate(jobs) if job.word_timestamps]
+    if wanted:
+        alignments = align_tokens(
+            bundle,
+            encoded[wanted],
+            [prefixes[i] for i in wanted],
+            [[t for t in results[i].tokens if t < vocab.eot] for i in wanted],
+            [jobs[i].num_frames for i in wanted],
+        )
+        for i, (times, probs) in zip(wanted, alignments, strict=True):
+            results[i].token_times, results[i].token_probs = times, probs
+    return results
+
+
+def _resolve_languages(
+    bundle: WhisperBundle, encoded: torch.Tensor, jobs: list[DecodeJob]
+) -> list[tuple[str, float]]:
+    """The language of each job: as given, or detected from the window (reusing its encoding)."""
+    vocab = bundle.vocab
+    resolved = [(job.language or "en", 1.0) for job in jobs]
+    undetermined = [i for i, job in enumerate(jobs) if job.language is None]
+    if not undetermined or not vocab.is_multilingual:
+        return resolved
+    sot = torch.full((len(undetermined), 1), vocab.sot, device=encoded.device)
+    hidden = bundle.model.model.decoder(
+        input_ids=sot, encoder_hidden_states=encoded[undetermined], use_cache=False
+    ).last_hidden_state
+    logits = bundle.model.proj_out(hidden[:, -1]).float()
+    codes = list(vocab.language_tokens)
+    ids = torch.tensor([vocab.language_tokens[code] for code in codes], device=logits.device)
+    probs = logits[:, ids].softmax(dim=-1)
+    best = probs.argmax(dim=-1)
+    for row, i in enumerate(undetermined):
+        resolved[i] = (codes[int(best[row])], float(probs[row, best[row]]))
+    return resolved
+
+
+def _prefix(vocab: Vocabulary, job: DecodeJob, language: str) -> list[int]:
+    """[<|startofprev|> prompt...] <|startoftranscript|> [lang task] [<|notimestamps|>]"""
+    prefix = [vocab.sot_prev, *job.prompt[-MAX_PROMPT:]] if job.prompt else []
+    prefix.append(vocab.sot)
+    if vocab.is_multilingual:
+        prefix += [vocab.language_tokens[language], vocab.task_tokens[job.task]]
+    if not job.timestamps:
+        prefix.append(vocab.no_timestamps)
+    return prefix
+
+
+def _sample(
+    bundle: WhisperBundle,
+    encoded: torch.Tensor,
+    jobs: list[DecodeJob],
+    prefixes: list[list[int]],
+) -> tuple[list[list[int]], list[float], list[float]]:
+    """The decoding loop: left-padded prefixes, one step for all active rows at a time.
+
+    Rows leave the batch (and the KV cache) as soon as they emit <|endoftext|>, so a short
+    window does not pay for a long neighbour.
+    """
+    model, vocab = bundle.model, bundle.vocab
+    device = encoded.device
+    batch = len(jobs)
+    width = max(map(len, prefixes))
+    pad = vocab.eot
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes], device=device)
+    mask = torch.tensor(
+        [[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device, dtype=torch.long
+    )
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    sot_index = torch.tensor([width - len(p) + p.index(vocab.sot) for p in prefixes], device=device)
+
+    out = model.model.decoder(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        encoder_hidden_states=encoded,
+        use_cache=True,
+    )
+    cache = out.past_key_values
+    hidden = out.last_hidden_state
+    rows = torch.arange(batch, device=device)
+    # no-speech probability: the <|nospeech|> token right after <|startoftranscript|>
+    sot_logits = model.proj_out(hidden[rows, sot_index]).float()
+    no_speech = sot_logits.softmax(-1)[:, vocab.no_speech].tolist()
+    logits = model.proj_out(hidden[:, -1]).float()
+
+    rules = _Rules(vocab, jobs, device, logits.shape[-1])
+    temperatures = torch.tensor([job.temperature for job in jobs], device=device)
+    sampled: list[list[int]] = [[] for _ in range(batch)]
+    sum_logprobs = [0.0] * batch
+    active = rows.clone()  # original index of each row still decoding
+    position = positions[:, -1]
+
+    for step in range(SAMPLE_LEN):
+        logits = rules.apply(logits, active, step)
+        logprobs = logits.log_softmax(dim=-1)
+        greedy = logits.argmax(dim=-1)
+        temps = temperatures[active]
+        hot = temps > 0
+        if hot.any():
+            scaled = logits[hot] / temps[hot, None]
+            greedy[hot] = torch.multinomial(scaled.softmax(dim=-1), 1).squeeze(-1)
+        chosen = greedy
+        chosen_logprobs = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+        chosen_list = chosen.tolist()
+        done = []
+        for row, (index, token) in enumerate(zip(active.tolist(), chosen_list, strict=True)):
+            sum_logprobs[index] += chosen_logprobs[row]
+            if token == vocab.eot:
+                done.append(row)
+            else:
+                sampled[index].append(token)
+        rules.record(active, chosen)
+        if done:
+            keep = torch.tensor(
+                [r for r in range(len(chosen_list)) if r not in set(done)], device=device
+            )
+            if keep.numel() == 0:
+                break
+            cache.batch_select_indices(keep)
+            active, chosen, position = active[keep], chosen[keep], position[keep]
+            mask = mask[keep]
+            encoded = encoded[keep]
+        if step == SAMPLE_LEN - 1:
+            break
+        position = position + 1
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model.model.decoder(
+            input_ids=chosen[:, None],
+            attention_mask=mask,
+            position_ids=position[:, None],
+            encoder_hidden_states=encoded,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        logits = model.proj_out(out.last_hidden_state[:, -1]).float()
+    return sampled, sum_logprobs, no_speech
+
+
+class _Rules:
+    """openai-whisper's logit filters (SuppressBlank, SuppressTokens, ApplyTimestampRules),
+    applied to all rows at once with masks instead of a Python loop per row."""
+
+    def __init__(self, vocab: Vocabulary, jobs: list[DecodeJob], device: torch.device, width: int):
+        self.vocab = vocab
+        ids = torch.arange(width, device=device)
+        self.is_timestamp = ids >= vocab.timestamp_begin
+        self.is_text = ids < vocab.eot
+        self.suppress = torch.zeros(width, dtype=torch.bool, device=device)
+        self.suppress[[t for t in vocab.suppress_tokens if t < width]] = True
+        self.begin_suppress = torch.zeros(width, dtype=torch.bool, device=device)
+        self.begin_suppress[[t for t in vocab.begin_suppress_tokens if t < width]] = True
+        last_initial = vocab.timestamp_begin + round(MAX_INITIAL_TIMESTAMP / vocab.time_precision)
+        self.too_late_initial = ids > last_initial
+        self.ids = ids
+        batch = len(jobs)
+        self.timestamps = torch.tensor([job.timestamps for job in jobs], device=device)
+        # per original row: the last two sampled tokens (-1: none) and the last timestamp seen
+        self.last = torch.full((batch,), -1, device=device)
+        self.penultimate = torch.full((batch,), -1, device=device)
+        self.last_timestamp = torch.full((batch,), -1, device=device)
+
+    def apply(self, logits: torch.Tensor, active: torch.Tensor, step: int) -> torch.Tensor:
+        v = self.vocab
+        ban = self.suppress.expand_as(logits).clone()
+        if step == 0:
+            ban |= self.begin_suppress
+        ban[:, v.no_timestamps] = True
+        with_ts = self.timestamps[active]
+        ban |= ~with_ts[:, None] & self.is_timestamp
+
+        last, penult = self.last[active], self.penultimate[active]
+        last_ts = last >= v.timestamp_begin
+        penult_ts = (penult >= v.timestamp_begin) | (step < 2)
+        # timestamps come in pairs: after a pair only text, after a lone one no text
+        ban |= (with_ts & last_ts & penult_ts)[:, None] & self.is_timestamp
+        ban |= (with_ts & last_ts & ~penult_ts)[:, None] & self.is_text
+        # timestamps never go backwards (and a lone one may repeat, to close its segment)
+        seen = self.last_timestamp[active]
+        floor = torch.where(last_ts & ~penult_ts, seen, seen + 1)
+        floor = torch.where(seen >= 0, floor, torch.zeros_like(floor))
+        ban |= (with_ts[:, None] & self.is_timestamp) & (self.ids[None, :] < floor[:, None])
+        if step == 0:
+            ban |= with_ts[:, None] & (~self.is_timestamp | self.too_late_initial)[None, :]
+        logits = logits.masked_fill(ban, -math.inf)
+
+        # if the timestamps together are likelier than any text token, force a timestamp
+        logprobs = logits.log_softmax(dim=-1)
+        ts_mass = logprobs.masked_fill(~self.is_timestamp, -math.inf).logsumexp(dim=-1)
+        best_text = logprobs.masked_fill(self.is_timestamp, -math.inf).max(dim=-1).values
+        force = with_ts & (ts_mass > best_text)
+        return logits.masked_fill(force[:, None] & ~self.is_timestamp, -math.inf)
+
+    def record(self, active: torch.Tensor, chosen: torch.Tensor) -> None:
+        self.penultimate[active] = self.last[active]
+        self.last[active] = chosen
+        is_ts = chosen >= self.vocab.timestamp_begin
+        self.last_timestamp[active] = torch.where(is_ts, chosen, self.last_timestamp[active])

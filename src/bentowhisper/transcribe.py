@@ -1,0 +1,269 @@
+"""Long-form transcription with whisper-1's semantics: the per-request decoding loop.
+
+openai-whisper's ``transcribe()`` is the reference: a seek pointer walks the audio in 30 s
+windows, moved by the timestamp tokens the model emits; the previous text conditions the next
+window; each window is decoded at temperature 0 and again at higher temperatures while its text
+fails the compression-ratio or log-probability checks. Windows are submitted to a ``decode``
+coroutine that takes a list of jobs: in the service that is the batching model service, so the
+windows of many requests share forward passes.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .alignment import group_words
+from .decoding import N_FRAMES, DecodeJob, DecodeResult
+from .transcript import Segment, Transcription, Word
+from .vocabulary import Vocabulary
+
+SAMPLE_RATE = 16000
+HOP_LENGTH = 160  # samples per mel frame
+WINDOW_SAMPLES = N_FRAMES * HOP_LENGTH
+INPUT_STRIDE = 2  # mel frames per timestamp step (3000 frames / 1500 positions)
+
+DecodeFn = Callable[[list[DecodeJob]], Awaitable[list[DecodeResult]]]
+FeaturesFn = Callable[[np.ndarray], np.ndarray]
+
+
+class DecodeError(RuntimeError):
+    """The model service could not decode a window."""
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    language: str | None = None  # ISO code; None detects it from the first window
+    task: str = "transcribe"
+    prompt: str | None = None
+    temperature: float = 0.0  # the fallback schedule starts here and rises by the increment
+    temperature_increment: float = 0.2
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+    condition_on_previous_text: bool = True
+    prompt_reset_on_temperature: float = 0.5
+    word_timestamps: bool = False
+
+    @property
+    def temperatures(self) -> list[float]:
+        steps = round((1.0 - self.temperature) / self.temperature_increment) + 1
+        if self.temperature >= 1.0 or self.temperature_increment <= 0:
+            return [self.temperature]
+        return [round(self.temperature + k * self.temperature_increment, 6) for k in range(steps)]
+
+
+@dataclass
+class TranscriptionInfo:
+    """Filled in as decoding goes: the language is known once the first window is decoded."""
+
+    duration: float
+    language: str | None = None
+    language_probability: float = 1.0
+    windows: int = 0
+    fallbacks: int = 0  # windows decoded again at a higher temperature
+    segments: list[Segment] = field(default_factory=list)
+
+
+def compression_ratio(text: str) -> float:
+    """gzip-style (zlib) compression ratio of the text, as openai-whisper computes it."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+async def transcribe_segments(
+    audio: np.ndarray,
+    options: TranscribeOptions,
+    decode: DecodeFn,
+    vocab: Vocabulary,
+    features: FeaturesFn,
+    info: TranscriptionInfo,
+) -> AsyncIterator[Segment]:
+    """Yield segments window by window; ``info`` is updated as the language becomes known."""
+    content_frames = len(audio) // HOP_LENGTH
+    initial_prompt = vocab.encode(" " + options.prompt.strip()) if options.prompt else []
+    context: list[int] = list(initial_prompt)
+    prompt_reset_since = 0
+    language = options.language if vocab.is_multilingual else "en"
+    seek = 0
+    while seek < content_frames:
+        window = audio[seek * HOP_LENGTH : seek * HOP_LENGTH + WINDOW_SAMPLES]
+        segment_size = min(N_FRAMES, content_frames - seek)
+        job = DecodeJob.for_window(
+            features(window),
+            prompt=context[prompt_reset_since:],
+            language=language,
+            task=options.task,
+            word_timestamps=options.word_timestamps,
+            num_frames=segment_size,
+        )
+        result = await _decode_with_fallback(job, options, decode, vocab, info)
+        info.windows += 1
+        if language is None:
+            language = result.language
+            info.language, info.language_probability = language, result.language_probability
+
+        if _is_silence(result, options):
+            seek += segment_size
+            continue
+        segments, seek_step = _split_segments(result, vocab, seek, segment_size)
+        if options.word_timestamps:
+            _add_words(segments, result, vocab, language or "en", seek)
+        seek += seek_step
+        for segment in segments:
+            if segment.start == segment.end or not segment.text.strip():
+                continue
+            segment.id = len(info.segments)
+            info.segments.append(segment)
+            context.extend(segment.tokens)
+            yield segment
+        if not options.condition_on_previous_text or (
+            result.temperature > options.prompt_reset_on_temperature
+        ):
+            prompt_reset_since = len(context)
+    if info.language is None:
+        info.language = language or "en"
+
+
+async def transcribe(
+    audio: np.ndarray,
+    options: TranscribeOptions,
+    decode: DecodeFn,
+    vocab: Vocabulary,
+    features: FeaturesFn,
+) -> Transcription:
+    info = TranscriptionInfo(duration=len(audio) / SAMPLE_RATE)
+    async for _ in transcribe_segments(audio, options, decode, vocab, features, info):
+        pass
+    return to_transcription(info, options)
+
+
+def to_transcription(info: TranscriptionInfo, options: TranscribeOptions) -> Transcription:
+    return Transcription(
+        text="".join(segment.text for segment in info.segments).strip(),
+        segments=info.segments,
+        language=info.language or "en",
+        duration=info.duration,
+        task=options.task,
+        language_probability=info.language_probability,
+    )
+
+
+async def _decode_with_fallback(
+    job: DecodeJob,
+    options: TranscribeOptions,
+    decode: DecodeFn,
+    vocab: Vocabulary,
+    info: TranscriptionInfo,
+) -> DecodeResult:
+    """Decode at each temperature of the schedule until the text passes the checks."""
+    result: DecodeResult | None = None
+    for attempt, temperature in enumerate(options.temperatures):
+        (result,) = await decode([job.model_copy(update={"temperature": temperature})])
+        if result.error:
+            raise DecodeError(result.error)
+        if attempt:
+            info.fallbacks += 1
+        if job.language is None:  # keep the language detected on the first attempt
+            job = job.model_copy(update={"language": result.language})
+        if not _needs_fallback(result, options, vocab):
+            break
+    assert result is not None
+    return result
+
+
+def _needs_fallback(result: DecodeResult, options: TranscribeOptions, vocab: Vocabulary) -> bool:
+    if _is_silence(result, options):
+        return False  # silence: skipped, not decoded again
+    ratio = compression_ratio(vocab.decode(result.tokens))
+    too_repetitive = (
+        options.compression_ratio_threshold is not None
+        and ratio > options.compression_ratio_threshold
+    )
+    too_unlikely = options.logprob_threshold is not None and (
+        result.avg_logprob < options.logprob_threshold
+    )
+    return too_repetitive or too_unlikely
+
+
+def _is_silence(result: DecodeResult, options: TranscribeOptions) -> bool:
+    if options.no_speech_threshold is None or result.no_speech_prob <= options.no_speech_threshold:
+        return False
+    return options.logprob_threshold is None or result.avg_logprob < options.logprob_threshold
+
+
+def _split_segments(
+    result: DecodeResult, vocab: Vocabulary, seek: int, segment_size: int
+) -> tuple[list[Segment], int]:
+    """Cut a window's tokens into segments at consecutive timestamp pairs; return them and how
+    far to move the seek pointer (to the last complete segment, or past the whole window)."""
+    tokens = result.tokens
+    ts_begin = vocab.timestamp_begin
+    offset = seek * HOP_LENGTH / SAMPLE_RATE
+    is_ts = [t >= ts_begin for t in tokens]
+    single_ending = is_ts[-2:] == [False, True]
+    boundaries = [k for k in range(1, len(tokens)) if is_ts[k - 1] and is_ts[k]]
+    window_text = vocab.decode(tokens)
+    ratio = compression_ratio(window_text)
+
+    def make(piece: list[int], start: float, end: float) -> Segment:
+        return Segment(
+            id=0,
+            seek=seek,
+            start=round(start, 3),
+            end=round(end, 3),
+            text=vocab.decode(piece),
+            tokens=piece,
+            temperature=result.temperature,
+            avg_logprob=result.avg_logprob,
+            compression_ratio=ratio,
+            no_speech_prob=result.no_speech_prob,
+        )
+
+    if boundaries:
+        cuts = boundaries + ([len(tokens)] if single_ending else [])
+        segments, last = [], 0
+        for cut in cuts:
+            piece = tokens[last:cut]
+            start = offset + (piece[0] - ts_begin) * vocab.time_precision
+            end = offset + (piece[-1] - ts_begin) * vocab.time_precision
+            segments.append(make(piece, start, end))
+            last = cut
+        if single_ending:
+            return segments, segment_size
+        return segments, (tokens[last - 1] - ts_begin) * INPUT_STRIDE
+
+    duration = segment_size * HOP_LENGTH / SAMPLE_RATE
+    timestamps = [t for t in tokens if t >= ts_begin]
+    if timestamps and timestamps[-1] != ts_begin:
+        duration = (timestamps[-1] - ts_begin) * vocab.time_precision
+    return [make(tokens, offset, offset + duration)], segment_size
+
+
+def _add_words(
+    segments: list[Segment], result: DecodeResult, vocab: Vocabulary, language: str, seek: int
+) -> None:
+    """Attach the window's words to its segments, in order, by their token counts."""
+    text_tokens = [t for t in result.tokens if t < vocab.eot]
+    if not text_tokens or not result.token_times:
+        return
+    offset = seek * HOP_LENGTH / SAMPLE_RATE
+    words, counts = group_words(
+        vocab, text_tokens, result.token_times, result.token_probs, language, offset
+    )
+    queue: list[tuple[Word, int]] = list(zip(words, counts, strict=True))
+    for segment in segments:
+        budget = sum(1 for t in segment.tokens if t < vocab.eot)
+        while queue and budget > 0:
+            word, count = queue.pop(0)
+            segment.words.append(word)
+            budget -= count
+        if segment.words:
+            # openai-whisper: the words' times are the better segment bounds
+            segment.start = max(segment.start, min(segment.words[0].start, segment.end))
+            segment.end = max(segment.words[-1].end, segment.start)
+    if queue and segments:
+        segments[-1].words.extend(word for word, _ in queue)
