@@ -36,6 +36,8 @@ class Settings:
     # Adaptive batching of 30 s windows across requests.
     max_batch_size: int = 8
     max_latency_ms: int = 60_000
+    api_workers: int = 1  # API service processes (HTTP, audio decoding, formatting)
+    request_timeout_s: float = 600.0  # BentoML's traffic timeout for one request
     # Request limits.
     max_upload_mb: float = 25.0
     max_audio_seconds: float = 3 * 3600.0

@@ -10,11 +10,13 @@ windows of many requests share forward passes.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from transformers import WhisperFeatureExtractor
 
 from .alignment import group_words
 from .decoding import N_FRAMES, DecodeJob, DecodeResult
@@ -50,10 +52,13 @@ class TranscribeOptions:
 
     @property
     def temperatures(self) -> list[float]:
-        steps = round((1.0 - self.temperature) / self.temperature_increment) + 1
-        if self.temperature >= 1.0 or self.temperature_increment <= 0:
+        """openai-whisper's schedule: from the request's temperature up to 1.0 by the increment."""
+        if self.temperature_increment <= 0:
             return [self.temperature]
-        return [round(self.temperature + k * self.temperature_increment, 6) for k in range(steps)]
+        schedule = [self.temperature]
+        while schedule[-1] + self.temperature_increment <= 1.0 + 1e-6:
+            schedule.append(round(schedule[-1] + self.temperature_increment, 6))
+        return schedule
 
 
 @dataclass
@@ -66,6 +71,17 @@ class TranscriptionInfo:
     windows: int = 0
     fallbacks: int = 0  # windows decoded again at a higher temperature
     segments: list[Segment] = field(default_factory=list)
+
+
+def log_mel(feature_extractor: WhisperFeatureExtractor) -> FeaturesFn:
+    """The features function of a checkpoint: a window of samples, zero-padded to 30 s."""
+
+    def features(window: np.ndarray) -> np.ndarray:
+        return feature_extractor(
+            window, sampling_rate=SAMPLE_RATE, return_tensors="np"
+        ).input_features[0]
+
+    return features
 
 
 def compression_ratio(text: str) -> float:
@@ -93,7 +109,7 @@ async def transcribe_segments(
         window = audio[seek * HOP_LENGTH : seek * HOP_LENGTH + WINDOW_SAMPLES]
         segment_size = min(N_FRAMES, content_frames - seek)
         job = DecodeJob.for_window(
-            features(window),
+            await asyncio.to_thread(features, window),  # CPU work: keep the event loop free
             prompt=context[prompt_reset_since:],
             language=language,
             task=options.task,

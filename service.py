@@ -1,0 +1,71 @@
+"""BentoML wiring: an OpenAI-compatible API service in front of a batching Whisper service.
+
+``bentoml serve`` (from this directory) starts both. The API service (CPU) handles HTTP,
+authentication, limits, audio decoding and response formats; it sends every 30 s window to the
+model service, whose batchable ``decode`` runs the windows of concurrent requests together.
+Each scales on its own (BentoCloud, Kubernetes). Settings: ``configs/`` and ``BENTOWHISPER_*``.
+"""
+
+from __future__ import annotations
+
+import bentoml
+import numpy as np
+from transformers import WhisperFeatureExtractor
+
+from bentowhisper.api import Backend, create_app
+from bentowhisper.config import settings
+from bentowhisper.decoding import DecodeJob, DecodeResult, decode_batch
+from bentowhisper.models import load_from_settings, resolve_checkpoint
+from bentowhisper.transcribe import WINDOW_SAMPLES, log_mel
+from bentowhisper.vocabulary import load_vocabulary
+
+SETTINGS = settings()
+ON_GPU = SETTINGS.device.startswith("cuda")
+
+
+@bentoml.service(
+    name="whisper-model",
+    workers=1,  # one batch dispatcher per model replica; scale with replicas, not workers
+    resources={"gpu": 1} if ON_GPU else {"cpu": "1"},
+    traffic={"timeout": SETTINGS.request_timeout_s},
+)
+class WhisperModel:
+    def __init__(self) -> None:
+        self.bundle = load_from_settings(SETTINGS)
+        # Warm up on one silent window so the first request does not pay for lazy init.
+        silence = log_mel(self.bundle.feature_extractor)(np.zeros(WINDOW_SAMPLES, np.float32))
+        decode_batch(self.bundle, [DecodeJob.for_window(silence, language="en")])
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=SETTINGS.max_batch_size,
+        max_latency_ms=SETTINGS.max_latency_ms,
+    )
+    def decode(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
+        return decode_batch(self.bundle, jobs)
+
+
+app = create_app()
+
+
+@bentoml.service(
+    name="bentowhisper",
+    workers=SETTINGS.api_workers,
+    traffic={"timeout": SETTINGS.request_timeout_s},
+)
+@bentoml.asgi_app(app, path="/")
+class BentoWhisper:
+    model = bentoml.depends(WhisperModel)
+
+    def __init__(self) -> None:
+        checkpoint = resolve_checkpoint(SETTINGS.model, SETTINGS.models_path)
+        app.state.backend = Backend(
+            settings=SETTINGS,
+            vocab=load_vocabulary(checkpoint),
+            features=log_mel(WhisperFeatureExtractor.from_pretrained(checkpoint)),
+            decode=self.decode_windows,
+        )
+
+    async def decode_windows(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
+        # The dependency's client connects lazily: resolve its method at call time.
+        return await self.model.to_async.decode(jobs)

@@ -1,0 +1,325 @@
+"""The OpenAI-compatible HTTP surface: a FastAPI app that BentoML mounts in the API service.
+
+Routes parse and check the request, decode the upload, run the long-form loop of
+:mod:`.transcribe` (whose windows go to the batching model service through ``Backend.decode``)
+and render the response. Everything that can go wrong becomes OpenAI's error envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import formats
+from .audio import AudioDecodeError, decode_audio
+from .config import Settings
+from .protocol import (
+    BadRequest,
+    InternalError,
+    Model,
+    ModelList,
+    NotFound,
+    OpenAIError,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    TranscriptionRequest,
+    TranscriptTextDelta,
+    TranslationRequest,
+    Unauthorized,
+    UnsupportedMediaType,
+    parse_form,
+)
+from .transcribe import (
+    DecodeError,
+    DecodeFn,
+    FeaturesFn,
+    TranscribeOptions,
+    TranscriptionInfo,
+    to_transcription,
+    transcribe,
+    transcribe_segments,
+)
+from .vocabulary import Vocabulary
+
+log = logging.getLogger(__name__)
+CREATED = 1_700_000_000  # a fixed `created` for /v1/models: the model's age is not a fact we have
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What the routes need from the service that hosts them."""
+
+    settings: Settings
+    vocab: Vocabulary
+    features: FeaturesFn  # one 30 s window of samples -> log-mel features
+    decode: DecodeFn  # the batching model service
+
+    @property
+    def model_names(self) -> list[str]:
+        return [*self.settings.model_aliases, self.settings.model]
+
+    @property
+    def api_keys(self) -> list[str]:
+        keys = list(self.settings.api_keys)
+        if self.settings.api_key_file:
+            lines = Path(self.settings.api_key_file).read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        return keys
+
+
+def create_app() -> FastAPI:
+    """The app; the hosting service sets ``app.state.backend`` once its model is reachable."""
+    app = FastAPI(title="bentowhisper", summary="OpenAI-compatible speech to text")
+    app.add_exception_handler(OpenAIError, _openai_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(_BodyLimit)
+    for prefix in ("", "/v1"):
+        app.add_api_route(f"{prefix}/audio/transcriptions", create_transcription, methods=["POST"])
+        app.add_api_route(f"{prefix}/audio/translations", create_translation, methods=["POST"])
+        app.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
+        app.add_api_route(f"{prefix}/models/{{model_id:path}}", retrieve_model, methods=["GET"])
+    return app
+
+
+# --------------------------------------------------------------------------------------------
+# Routes
+
+
+async def create_transcription(request: Request) -> Response:
+    """Transcribe audio into the input language (OpenAI's ``audio.transcriptions.create``)."""
+    return await _transcribe(request, translation=False)
+
+
+async def create_translation(request: Request) -> Response:
+    """Translate audio into English (OpenAI's ``audio.translations.create``)."""
+    return await _transcribe(request, translation=True)
+
+
+async def list_models(request: Request) -> ModelList:
+    backend = _backend(request)
+    _authorize(request, backend)
+    return ModelList(data=[_model(name) for name in backend.model_names])
+
+
+async def retrieve_model(request: Request, model_id: str) -> Model:
+    backend = _backend(request)
+    _authorize(request, backend)
+    if model_id not in backend.model_names:
+        raise NotFound.model(model_id)
+    return _model(model_id)
+
+
+def _model(name: str) -> Model:
+    return Model(id=name, created=CREATED, owned_by="bentowhisper")
+
+
+async def _transcribe(request: Request, *, translation: bool) -> Response:
+    backend = _backend(request)
+    _authorize(request, backend)
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise UnsupportedMediaType(
+            "Send the audio as multipart/form-data with a 'file' part.", param="file"
+        )
+    try:
+        async with request.form(max_files=1, max_fields=100) as form:
+            params, data = await _read_form(form, backend, translation=translation)
+    except HTTPException as exc:  # starlette's multipart errors: too many files, bad framing
+        raise BadRequest(f"Could not parse the multipart body: {exc.detail}") from None
+    options = _options(params, backend.vocab)
+    audio = await _decode_upload(data, backend.settings)
+
+    if isinstance(params, TranscriptionRequest) and params.stream:
+        return StreamingResponse(
+            _stream(audio, options, backend), media_type=formats.SSE_MEDIA_TYPE
+        )
+    try:
+        result = await transcribe(audio, options, backend.decode, backend.vocab, backend.features)
+    except DecodeError as exc:
+        raise InternalError(f"The model failed on this audio: {exc}") from None
+    except OpenAIError:
+        raise
+    except Exception as exc:
+        log.exception("model service call failed")
+        raise ServiceUnavailable(
+            "The model service is unavailable or overloaded; retry shortly.", retry_after=5
+        ) from exc
+    body, media_type = formats.render(result, params)
+    if isinstance(body, dict):
+        return JSONResponse(body)
+    return Response(body, media_type=media_type)
+
+
+async def _read_form(
+    form: FormData, backend: Backend, *, translation: bool
+) -> tuple[TranscriptionRequest | TranslationRequest, bytes]:
+    params = parse_form(form.multi_items(), translation=translation)
+    if params.model not in backend.model_names:
+        raise NotFound.model(params.model)
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise BadRequest("Missing required parameter: 'file'.", param="file")
+    return params, await upload.read()
+
+
+def _options(
+    params: TranscriptionRequest | TranslationRequest, vocab: Vocabulary
+) -> TranscribeOptions:
+    language = getattr(params, "language", None)
+    if language is not None and language not in vocab.languages:
+        supported = "English only" if not vocab.is_multilingual else "this model's languages"
+        raise BadRequest(
+            f"Language {language!r} is not supported by the served model ({supported}).",
+            param="language",
+        )
+    if isinstance(params, TranslationRequest) and not vocab.is_multilingual:
+        raise BadRequest("The served model is English-only and cannot translate.", param="model")
+    return TranscribeOptions(
+        language=language,
+        task="translate" if isinstance(params, TranslationRequest) else "transcribe",
+        prompt=params.prompt,
+        temperature=params.temperature,
+        word_timestamps=getattr(params, "word_timestamps", False),
+    )
+
+
+async def _decode_upload(data: bytes, settings: Settings):
+    try:
+        return await asyncio.to_thread(
+            decode_audio,
+            data,
+            max_seconds=settings.max_audio_seconds,
+            timeout_s=settings.decode_timeout_s,
+        )
+    except AudioDecodeError as exc:
+        raise BadRequest(str(exc), param="file", code=getattr(exc, "reason", None)) from None
+
+
+async def _stream(audio, options: TranscribeOptions, backend: Backend) -> AsyncIterator[bytes]:
+    """Server-sent events: a delta per decoded segment, then the full text with usage.
+
+    Deltas concatenate to the final text, so the first one loses Whisper's leading space.
+    """
+    info = TranscriptionInfo(duration=len(audio) / 16000)
+    first = True
+    try:
+        async for segment in transcribe_segments(
+            audio, options, backend.decode, backend.vocab, backend.features, info
+        ):
+            delta = segment.text.lstrip() if first else segment.text
+            first = False
+            yield formats.sse(TranscriptTextDelta(delta=delta))
+        yield formats.sse(formats.done_event(to_transcription(info, options)))
+    except Exception as exc:  # headers are sent: report in-band, the SDK raises on `error`
+        log.exception("streaming transcription failed")
+        yield formats.sse(InternalError(f"Transcription failed: {exc}").to_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# Access, limits and errors
+
+
+def _backend(request: Request) -> Backend:
+    backend = getattr(request.app.state, "backend", None)
+    if backend is None:
+        raise ServiceUnavailable("The service is starting; retry shortly.", retry_after=5)
+    return backend
+
+
+def _authorize(request: Request, backend: Backend) -> None:
+    keys = backend.api_keys
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    given = token.strip().encode() if scheme.lower() == "bearer" else b""
+    # compare against every key, always, so timing says nothing about which prefix matched
+    matches = [hmac.compare_digest(given, key.encode()) for key in keys]
+    if not any(matches):
+        raise Unauthorized("Incorrect API key provided." if header else "Missing bearer API key.")
+
+
+class _BodyLimit:
+    """Refuse bodies over the upload limit: at once when Content-Length says so, else as soon
+    as the streamed body passes it, never buffering more than the limit."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        backend = scope.get("app") and getattr(scope["app"].state, "backend", None)
+        if scope["type"] != "http" or backend is None:
+            await self.app(scope, receive, send)
+            return
+        limit = backend.settings.max_upload_bytes
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _send_error(PayloadTooLarge(_too_large(limit), param="file"), send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise PayloadTooLarge(_too_large(limit), param="file")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large(limit: int) -> str:
+    return f"Maximum content size limit ({limit} bytes) exceeded."
+
+
+async def _send_error(error: OpenAIError, send: Send) -> None:
+    response = _error_response(error)
+    await response({"type": "http"}, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _error_response(error: OpenAIError) -> JSONResponse:
+    return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
+
+
+async def _openai_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, OpenAIError)
+    return _error_response(exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    return _error_response(BadRequest(f"Invalid request: {exc}"))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error: OpenAIError = NotFound(f"Unknown path: {request.url.path}")
+    elif exc.status_code == 405:
+        error = BadRequest(f"Method {request.method} not allowed on {request.url.path}")
+    else:
+        error = BadRequest(str(exc.detail))
+    return _error_response(error)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s", request.url.path)
+    return _error_response(InternalError("The server had an error processing your request."))
