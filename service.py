@@ -12,7 +12,7 @@ import bentoml
 import numpy as np
 from transformers import WhisperFeatureExtractor
 
-from bentowhisper.api import Backend, create_app
+from bentowhisper.api import Admission, Backend, create_app
 from bentowhisper.config import settings
 from bentowhisper.decoding import DecodeJob, DecodeResult, decode_batch
 from bentowhisper.models import load_from_settings, resolve_checkpoint
@@ -64,6 +64,7 @@ class BentoWhisper:
             vocab=load_vocabulary(checkpoint),
             features=log_mel(WhisperFeatureExtractor.from_pretrained(checkpoint)),
             decode=self.decode_windows,
+            admission=Admission(SETTINGS.max_concurrent_requests),
         )
 
     async def decode_windows(self, jobs: list[DecodeJob]) -> list[DecodeResult]:

@@ -8,12 +8,14 @@ and render the response. Everything that can go wrong becomes OpenAI's error env
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -24,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import formats
 from .audio import AudioDecodeError, decode_audio
 from .config import Settings
+from .metrics import metrics
 from .protocol import (
     BadRequest,
     InternalError,
@@ -32,6 +35,7 @@ from .protocol import (
     NotFound,
     OpenAIError,
     PayloadTooLarge,
+    RateLimited,
     ServiceUnavailable,
     TranscriptionRequest,
     TranscriptTextDelta,
@@ -41,19 +45,50 @@ from .protocol import (
     parse_form,
 )
 from .transcribe import (
+    SAMPLE_RATE,
     DecodeError,
     DecodeFn,
     FeaturesFn,
     TranscribeOptions,
     TranscriptionInfo,
     to_transcription,
-    transcribe,
     transcribe_segments,
 )
+from .transcript import Segment
 from .vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 CREATED = 1_700_000_000  # a fixed `created` for /v1/models: the model's age is not a fact we have
+DISCONNECT_POLL_S = 0.5
+
+
+class ClientClosedRequest(OpenAIError):
+    """The client went away; nobody reads this response, the status is for the logs (nginx's)."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+
+
+class Admission:
+    """At most ``limit`` requests in flight per API worker; beyond that, 429 with Retry-After,
+    so that clients back off instead of queueing without bound behind the model."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    @contextlib.contextmanager
+    def slot(self, *, check: bool = True) -> Iterator[None]:
+        if check and self.active >= self.limit:
+            raise RateLimited(
+                f"Too many concurrent requests (limit {self.limit}); retry shortly.",
+                retry_after=2,
+            )
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
 
 
 @dataclass(frozen=True)
@@ -64,6 +99,7 @@ class Backend:
     vocab: Vocabulary
     features: FeaturesFn  # one 30 s window of samples -> log-mel features
     decode: DecodeFn  # the batching model service
+    admission: Admission
 
     @property
     def model_names(self) -> list[str]:
@@ -128,39 +164,87 @@ def _model(name: str) -> Model:
 
 async def _transcribe(request: Request, *, translation: bool) -> Response:
     backend = _backend(request)
+    endpoint = "translations" if translation else "transcriptions"
+    outcome = {"format": "unknown", "status": 500}
+    try:
+        response = await _serve(request, backend, translation=translation, outcome=outcome)
+        outcome["status"] = response.status_code
+        return response
+    except OpenAIError as exc:
+        outcome["status"] = exc.status_code
+        raise
+    finally:
+        metrics().requests.labels(endpoint, outcome["format"], str(outcome["status"])).inc()
+
+
+async def _serve(
+    request: Request, backend: Backend, *, translation: bool, outcome: dict
+) -> Response:
     _authorize(request, backend)
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise UnsupportedMediaType(
             "Send the audio as multipart/form-data with a 'file' part.", param="file"
         )
-    try:
-        async with request.form(max_files=1, max_fields=100) as form:
-            params, data = await _read_form(form, backend, translation=translation)
-    except HTTPException as exc:  # starlette's multipart errors: too many files, bad framing
-        raise BadRequest(f"Could not parse the multipart body: {exc.detail}") from None
-    options = _options(params, backend.vocab)
-    audio = await _decode_upload(data, backend.settings)
-
-    if isinstance(params, TranscriptionRequest) and params.stream:
-        return StreamingResponse(
-            _stream(audio, options, backend), media_type=formats.SSE_MEDIA_TYPE
+    with backend.admission.slot():
+        try:
+            async with request.form(max_files=1, max_fields=100) as form:
+                params, data = await _read_form(form, backend, translation=translation)
+        except HTTPException as exc:  # starlette's multipart errors: too many files, bad framing
+            raise BadRequest(f"Could not parse the multipart body: {exc.detail}") from None
+        outcome["format"] = params.response_format
+        options = _options(params, backend.vocab)
+        audio = await _decode_upload(data, backend.settings)
+        info = TranscriptionInfo(duration=len(audio) / SAMPLE_RATE)
+        segments = transcribe_segments(
+            audio, options, backend.decode, backend.vocab, backend.features, info
         )
+        if isinstance(params, TranscriptionRequest) and params.stream:
+            # the stream outlives this handler, so it holds a slot of its own
+            return StreamingResponse(
+                _stream(segments, info, options, backend), media_type=formats.SSE_MEDIA_TYPE
+            )
+        await _until_done_or_disconnected(_drain(segments), request)
+        _count(info, options)
+    body, media_type = formats.render(to_transcription(info, options), params)
+    if isinstance(body, dict):
+        return JSONResponse(body)
+    return Response(body, media_type=media_type)
+
+
+async def _drain(segments: AsyncIterator[Segment]) -> None:
     try:
-        result = await transcribe(audio, options, backend.decode, backend.vocab, backend.features)
+        async for _ in segments:
+            pass
+    except (OpenAIError, asyncio.CancelledError):
+        raise
     except DecodeError as exc:
         raise InternalError(f"The model failed on this audio: {exc}") from None
-    except OpenAIError:
-        raise
     except Exception as exc:
         log.exception("model service call failed")
         raise ServiceUnavailable(
             "The model service is unavailable or overloaded; retry shortly.", retry_after=5
         ) from exc
-    body, media_type = formats.render(result, params)
-    if isinstance(body, dict):
-        return JSONResponse(body)
-    return Response(body, media_type=media_type)
+
+
+async def _until_done_or_disconnected(work: Awaitable[None], request: Request) -> None:
+    """Run the transcription, but stop decoding (at the next window) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ClientClosedRequest("The client closed the connection.")
+    task.result()
+
+
+def _count(info: TranscriptionInfo, options: TranscribeOptions) -> None:
+    recorded = metrics()
+    recorded.audio_seconds.labels(options.task).inc(info.duration)
+    recorded.windows.inc(info.windows)
+    recorded.fallbacks.inc(info.fallbacks)
 
 
 async def _read_form(
@@ -196,7 +280,7 @@ def _options(
     )
 
 
-async def _decode_upload(data: bytes, settings: Settings):
+async def _decode_upload(data: bytes, settings: Settings) -> np.ndarray:
     try:
         return await asyncio.to_thread(
             decode_audio,
@@ -205,27 +289,32 @@ async def _decode_upload(data: bytes, settings: Settings):
             timeout_s=settings.decode_timeout_s,
         )
     except AudioDecodeError as exc:
-        raise BadRequest(str(exc), param="file", code=getattr(exc, "reason", None)) from None
+        metrics().decode_failures.labels(exc.reason).inc()
+        raise BadRequest(str(exc), param="file", code=exc.reason) from None
 
 
-async def _stream(audio, options: TranscribeOptions, backend: Backend) -> AsyncIterator[bytes]:
+async def _stream(
+    segments: AsyncIterator[Segment],
+    info: TranscriptionInfo,
+    options: TranscribeOptions,
+    backend: Backend,
+) -> AsyncIterator[bytes]:
     """Server-sent events: a delta per decoded segment, then the full text with usage.
 
     Deltas concatenate to the final text, so the first one loses Whisper's leading space.
     """
-    info = TranscriptionInfo(duration=len(audio) / 16000)
-    first = True
-    try:
-        async for segment in transcribe_segments(
-            audio, options, backend.decode, backend.vocab, backend.features, info
-        ):
-            delta = segment.text.lstrip() if first else segment.text
-            first = False
-            yield formats.sse(TranscriptTextDelta(delta=delta))
-        yield formats.sse(formats.done_event(to_transcription(info, options)))
-    except Exception as exc:  # headers are sent: report in-band, the SDK raises on `error`
-        log.exception("streaming transcription failed")
-        yield formats.sse(InternalError(f"Transcription failed: {exc}").to_dict())
+    with backend.admission.slot(check=False):  # admitted by the handler already
+        first = True
+        try:
+            async for segment in segments:
+                delta = segment.text.lstrip() if first else segment.text
+                first = False
+                yield formats.sse(TranscriptTextDelta(delta=delta))
+            _count(info, options)
+            yield formats.sse(formats.done_event(to_transcription(info, options)))
+        except Exception as exc:  # headers are sent: report in-band, the SDK raises on `error`
+            log.exception("streaming transcription failed")
+            yield formats.sse(InternalError(f"Transcription failed: {exc}").to_dict())
 
 
 # --------------------------------------------------------------------------------------------
