@@ -21,6 +21,15 @@ from bentowhisper.vocabulary import load_vocabulary
 
 SETTINGS = settings()
 ON_GPU = SETTINGS.device.startswith("cuda")
+# A model-store reference as a class attribute is what makes `bentoml build` pack the weights.
+STORED = bentoml.models.BentoModel(SETTINGS.bento_model) if SETTINGS.bento_model else None
+
+
+def checkpoint(stored: object | None) -> str:
+    """The directory (or hub id) to load: the resolved store entry, else ``SETTINGS.model``."""
+    if stored is not None:
+        return stored.path
+    return resolve_checkpoint(SETTINGS.model, SETTINGS.models_path)
 
 
 @bentoml.service(
@@ -30,8 +39,10 @@ ON_GPU = SETTINGS.device.startswith("cuda")
     traffic={"timeout": SETTINGS.request_timeout_s},
 )
 class WhisperModel:
+    stored = STORED
+
     def __init__(self) -> None:
-        self.bundle = load_from_settings(SETTINGS)
+        self.bundle = load_from_settings(SETTINGS, checkpoint(self.stored))
         # Warm up on one silent window so the first request does not pay for lazy init.
         silence = log_mel(self.bundle.feature_extractor)(np.zeros(WINDOW_SAMPLES, np.float32))
         decode_batch(self.bundle, [DecodeJob.for_window(silence, language="en")])
@@ -56,13 +67,14 @@ app = create_app()
 @bentoml.asgi_app(app, path="/")
 class BentoWhisper:
     model = bentoml.depends(WhisperModel)
+    stored = STORED
 
     def __init__(self) -> None:
-        checkpoint = resolve_checkpoint(SETTINGS.model, SETTINGS.models_path)
+        path = checkpoint(self.stored)
         app.state.backend = Backend(
             settings=SETTINGS,
-            vocab=load_vocabulary(checkpoint),
-            features=log_mel(WhisperFeatureExtractor.from_pretrained(checkpoint)),
+            vocab=load_vocabulary(path),
+            features=log_mel(WhisperFeatureExtractor.from_pretrained(path)),
             decode=self.decode_windows,
             admission=Admission(SETTINGS.max_concurrent_requests),
         )

@@ -26,6 +26,10 @@ DEFAULT_PROFILE = REPO_ROOT / "configs" / "cpu.yaml"
 class Settings:
     # Model: an embedded name ("tiny.en", "base"), a local checkpoint directory or a hub id.
     model: str = "base"
+    # A BentoML model-store tag (`bentowhisper models import NAME`, e.g. "whisper-base:latest").
+    # When set, the weights come from the store and `bentoml build` packs them into the Bento;
+    # `model` is then only the served name.
+    bento_model: str = ""
     # Names clients may send as `model`; the first is what /v1/models reports first.
     model_aliases: list[str] = field(default_factory=lambda: ["whisper-1"])
     # Where converted embedded checkpoints are cached.

@@ -292,11 +292,11 @@ def load_whisper(
     )
 
 
-def load_from_settings(settings: Settings) -> WhisperBundle:
-    """Resolve ``settings.model`` (converting an embedded model on first use) and load it."""
-    checkpoint = resolve_checkpoint(settings.model, settings.models_path)
+def load_from_settings(settings: Settings, checkpoint: str | None = None) -> WhisperBundle:
+    """Load ``checkpoint`` (default: ``settings.model`` resolved, converting an embedded model
+    on first use) on the settings' device, dtype and attention implementation."""
     return load_whisper(
-        checkpoint,
+        checkpoint or resolve_checkpoint(settings.model, settings.models_path),
         device=settings.device,
         dtype=settings.dtype,
         attn_implementation=settings.attn_implementation,
