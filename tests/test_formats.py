@@ -172,10 +172,11 @@ def test_verbose_json_words_only() -> None:
     body, _ = render(speech(), request)
 
     assert "segments" not in body
+    # OpenAI's words carry no leading space (Whisper's tokens do)
     assert body["words"] == [
-        {"word": " And", "start": 0.0, "end": 0.24},
-        {"word": " so,", "start": 0.24, "end": 0.5},
-        {"word": " ask", "start": 4.2, "end": 4.6},
+        {"word": "And", "start": 0.0, "end": 0.24},
+        {"word": "so,", "start": 0.24, "end": 0.5},
+        {"word": "ask", "start": 4.2, "end": 4.6},
     ]
     assert SDKTranscriptionVerbose.model_validate(body).segments is None
 
@@ -188,7 +189,7 @@ def test_verbose_json_words_and_segments() -> None:
 
     parsed = SDKTranscriptionVerbose.model_validate(body)
     assert len(parsed.segments) == 2
-    assert [w.word for w in parsed.words] == [" And", " so,", " ask"]
+    assert [w.word for w in parsed.words] == ["And", "so,", "ask"]
 
 
 def test_verbose_json_without_speech_keeps_an_empty_segment_list() -> None:

@@ -80,7 +80,8 @@ def verbose_json(result: Transcription, request: TranscriptionRequest | Translat
         segments = [_segment_model(segment) for segment in result.segments]
     if "word" in granularities:
         words = [
-            TranscriptionWordModel(word=w.word, start=w.start, end=w.end) for w in result.words
+            TranscriptionWordModel(word=w.word.strip(), start=w.start, end=w.end)
+            for w in result.words
         ]
     body = TranscriptionVerbose(
         task=result.task,
