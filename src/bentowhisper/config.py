@@ -18,7 +18,12 @@ from pathlib import Path
 import yaml
 
 ENV_PREFIX = "BENTOWHISPER_"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# configs/ sits beside src/ in the repository, and beside the package inside a Bento (whose
+# build strips the src/ prefix).
+REPO_ROOT = next(
+    (p for p in Path(__file__).resolve().parents[1:3] if (p / "configs").is_dir()),
+    Path(__file__).resolve().parents[2],
+)
 DEFAULT_PROFILE = REPO_ROOT / "configs" / "cpu.yaml"
 
 
