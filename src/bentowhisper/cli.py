@@ -1,8 +1,8 @@
 """``bentowhisper`` command line: model housekeeping that happens before serving.
 
-    bentowhisper models list              the embedded models and where they are converted
-    bentowhisper models convert NAME      convert an embedded model (cached) and print its path
-    bentowhisper models import NAME       put a model into BentoML's model store, for bentos
+bentowhisper models list              the embedded models and where they are converted
+bentowhisper models convert NAME      convert an embedded model (cached) and print its path
+bentowhisper models import NAME       put a model into BentoML's model store, for bentos
 """
 
 from __future__ import annotations

@@ -1,0 +1,48 @@
+# bentowhisper: `make serve` starts the service, `make test` runs the tests (see README.md).
+# Every target uses .venv/bin/... directly: no activation needed.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PORT ?= 3000
+# Extra pip options for the torch install. Empty: pip's configured sources (on the project's
+# machines a CPU wheel of torch 2.13.0 lies on local disk). Elsewhere use PyTorch's CPU index,
+# or a bare `torch` would pull the multi-GB CUDA build:
+#   make .venv TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_INDEX ?=
+PYTEST_ARGS ?=
+BENCH_ARGS ?= --out benchmarks/results/tmp/rtf.json
+LINT_PATHS := src tests service.py benchmarks
+
+# Written last by the install, so an interrupted install is redone; redone when pyproject changes.
+STAMP := $(VENV)/.bentowhisper-installed
+
+.PHONY: help .venv serve test lint bench
+
+help:
+	@echo "make serve   start the service on port $(PORT) (PORT=...; model and settings: configs/, BENTOWHISPER_*)"
+	@echo "make test    run the test suite (installs $(VENV) first if needed)"
+	@echo "make lint    ruff check + ruff format --check"
+	@echo "make bench   engine real-time factor benchmark (docs/benchmarks.md)"
+	@echo "make .venv   create $(VENV): CPU torch first, then the project with [embedded,test]"
+
+.venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --upgrade pip
+	$(VENV)/bin/python -m pip install "torch==2.13.0" $(TORCH_INDEX)
+	$(VENV)/bin/python -m pip install -e ".[embedded,test]"
+	touch $@
+
+serve: .venv
+	BENTOML_DO_NOT_TRACK=true $(VENV)/bin/bentoml serve service:BentoWhisper --port $(PORT)
+
+test: .venv
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+lint: .venv
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+bench: .venv
+	$(VENV)/bin/python benchmarks/rtf.py $(BENCH_ARGS)
