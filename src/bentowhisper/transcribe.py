@@ -19,14 +19,17 @@ import numpy as np
 from transformers import WhisperFeatureExtractor
 
 from .alignment import group_words
+from .audio import SAMPLE_RATE
 from .decoding import N_FRAMES, DecodeJob, DecodeResult
 from .transcript import Segment, Transcription, Word
 from .vocabulary import Vocabulary
 
-SAMPLE_RATE = 16000
 HOP_LENGTH = 160  # samples per mel frame
 WINDOW_SAMPLES = N_FRAMES * HOP_LENGTH
 INPUT_STRIDE = 2  # mel frames per timestamp step (3000 frames / 1500 positions)
+# Peak amplitude below which a window is digital silence (-80 dBFS): Whisper hallucinates text
+# there (" you", with no_speech_prob ~0.93 but avg_logprob ~-0.8, so its no-speech rule keeps it).
+SILENCE_PEAK = 1e-4
 
 DecodeFn = Callable[[list[DecodeJob]], Awaitable[list[DecodeResult]]]
 FeaturesFn = Callable[[np.ndarray], np.ndarray]
@@ -108,6 +111,9 @@ async def transcribe_segments(
     while seek < content_frames:
         window = audio[seek * HOP_LENGTH : seek * HOP_LENGTH + WINDOW_SAMPLES]
         segment_size = min(N_FRAMES, content_frames - seek)
+        if not np.any(np.abs(window[: segment_size * HOP_LENGTH]) >= SILENCE_PEAK):
+            seek += segment_size  # digital silence: skipped without decoding
+            continue
         job = DecodeJob.for_window(
             await asyncio.to_thread(features, window),  # CPU work: keep the event loop free
             prompt=context[prompt_reset_since:],
@@ -224,8 +230,11 @@ def _split_segments(
     boundaries = [k for k in range(1, len(tokens)) if is_ts[k - 1] and is_ts[k]]
     window_text = vocab.decode(tokens)
     ratio = compression_ratio(window_text)
+    content_end = offset + segment_size * HOP_LENGTH / SAMPLE_RATE
 
     def make(piece: list[int], start: float, end: float) -> Segment:
+        # a closing timestamp may lie past the end of the audio (a short last window)
+        end = max(start, min(end, content_end))
         return Segment(
             id=0,
             seek=seek,
@@ -277,9 +286,7 @@ def _add_words(
             word, count = queue.pop(0)
             segment.words.append(word)
             budget -= count
-        if segment.words:
-            # openai-whisper: the words' times are the better segment bounds
-            segment.start = max(segment.start, min(segment.words[0].start, segment.end))
-            segment.end = max(segment.words[-1].end, segment.start)
+        if segment.words:  # openai-whisper: the words' times are the better segment bounds
+            segment.start, segment.end = segment.words[0].start, segment.words[-1].end
     if queue and segments:
         segments[-1].words.extend(word for word, _ in queue)

@@ -1,0 +1,521 @@
+"""The transcription engine end to end: real converted models on real speech.
+
+``tiny.en`` and ``base`` are loaded once per module and every clip is transcribed once: the
+results are cached in module-scoped fixtures that several tests read. Groups of clips are
+transcribed concurrently through a small in-test batcher that puts the windows of all requests
+in flight into shared :func:`decode_batch` calls, as the service's adaptive batching does, so
+those tests also exercise cross-request batching.
+
+Word error rates are computed after Whisper's text normalisers (English for English, the basic
+one otherwise), as the eval set's README prescribes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import jiwer
+import numpy as np
+import pytest
+import torch
+from conftest import EVAL_DIR
+from whisper_normalizer.basic import BasicTextNormalizer
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from bentowhisper.audio import decode_audio
+from bentowhisper.decoding import N_FRAMES, DecodeJob, DecodeResult, decode_batch
+from bentowhisper.models import WhisperBundle, load_whisper
+from bentowhisper.transcribe import (
+    HOP_LENGTH,
+    SAMPLE_RATE,
+    TranscribeOptions,
+    TranscriptionInfo,
+    log_mel,
+    to_transcription,
+    transcribe,
+    transcribe_segments,
+)
+from bentowhisper.transcript import Transcription
+
+JFK = "audio/en_misc/jfk.flac"
+JFK_TEXT = (
+    "And so, my fellow Americans, ask not what your country can do for you, "
+    "ask what you can do for your country."
+)
+LONGFORM = "audio/longform/ljspeech_LJ001-0001_to_0016.flac"
+FLEURS_LANGUAGES = ("de", "fr", "es", "pt")
+
+english = EnglishTextNormalizer()
+basic = BasicTextNormalizer()
+
+Run = tuple[Transcription, TranscriptionInfo]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+@functools.cache
+def load_audio(path: str) -> np.ndarray:
+    """16 kHz mono samples of an eval clip (``path`` relative to the eval folder)."""
+    return decode_audio(EVAL_DIR / path)
+
+
+def manifest() -> dict[str, dict[str, Any]]:
+    lines = (EVAL_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+    return {clip["id"]: clip for clip in map(json.loads, filter(None, lines))}
+
+
+def group(name: str) -> list[dict[str, Any]]:
+    """The clips of one eval group: the folder under ``audio/`` holding them."""
+    clips = [clip for clip in manifest().values() if clip["path"].split("/")[1] == name]
+    assert clips, f"no clips of group {name!r} in {EVAL_DIR / 'manifest.jsonl'}"
+    return clips
+
+
+def words(text: str) -> list[str]:
+    return basic(text).split()
+
+
+class Batcher:
+    """A decode function for concurrent transcriptions: the windows pending when the previous
+    batch finishes (after they stop arriving for ``settle`` seconds) share one
+    :func:`decode_batch` call."""
+
+    def __init__(self, bundle: WhisperBundle, settle: float = 0.25, max_batch: int = 32):
+        self.bundle, self.settle, self.max_batch = bundle, settle, max_batch
+        self.pending: list[tuple[list[DecodeJob], asyncio.Future[list[DecodeResult]]]] = []
+        self.worker: asyncio.Task[None] | None = None
+        self.sizes: list[int] = []
+
+    async def __call__(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
+        future: asyncio.Future[list[DecodeResult]] = asyncio.get_running_loop().create_future()
+        self.pending.append((jobs, future))
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._work())
+        return await future
+
+    async def _work(self) -> None:
+        while self.pending:
+            seen = -1
+            while seen != len(self.pending):  # let the other requests' windows arrive
+                seen = len(self.pending)
+                await asyncio.sleep(self.settle)
+            batch: list[tuple[list[DecodeJob], asyncio.Future[list[DecodeResult]]]] = []
+            size = 0
+            while self.pending and (not batch or size + len(self.pending[0][0]) <= self.max_batch):
+                batch.append(self.pending.pop(0))
+                size += len(batch[-1][0])
+            self.sizes.append(size)
+            try:
+                flat = [job for jobs, _ in batch for job in jobs]
+                results = await asyncio.to_thread(decode_batch, self.bundle, flat)
+            except BaseException as exc:  # never leave a request waiting forever
+                for _, future in batch:
+                    future.set_exception(exc)
+                raise
+            for jobs, future in batch:
+                future.set_result(results[: len(jobs)])
+                results = results[len(jobs) :]
+
+
+def transcribe_all(
+    bundle: WhisperBundle, requests: list[tuple[np.ndarray, TranscribeOptions]]
+) -> list[Run]:
+    """Transcribe all requests concurrently (their windows batched together); what
+    :func:`transcribe` returns for each, plus its :class:`TranscriptionInfo`."""
+    features = log_mel(bundle.feature_extractor)
+    decode = Batcher(bundle, settle=0.25 if len(requests) > 1 else 0.0)
+
+    async def one(audio: np.ndarray, options: TranscribeOptions) -> Run:
+        info = TranscriptionInfo(duration=len(audio) / SAMPLE_RATE)
+        async for _ in transcribe_segments(audio, options, decode, bundle.vocab, features, info):
+            pass
+        return to_transcription(info, options), info
+
+    async def main() -> list[Run]:
+        return list(await asyncio.gather(*(one(audio, options) for audio, options in requests)))
+
+    return asyncio.run(main())
+
+
+def transcribe_one(bundle: WhisperBundle, audio: np.ndarray, **options: Any) -> Run:
+    return transcribe_all(bundle, [(audio, TranscribeOptions(**options))])[0]
+
+
+def transcribe_plain(bundle: WhisperBundle, audio: np.ndarray, **options: Any) -> Transcription:
+    """Through :func:`transcribe` itself, one window at a time as in the brief's usage."""
+
+    async def decode(jobs: list[DecodeJob]) -> list[DecodeResult]:
+        return await asyncio.to_thread(decode_batch, bundle, jobs)
+
+    return asyncio.run(
+        transcribe(
+            audio,
+            TranscribeOptions(**options),
+            decode,
+            bundle.vocab,
+            log_mel(bundle.feature_extractor),
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# models and cached results
+
+
+@pytest.fixture(scope="module")
+def tiny_en(converted_models_dir) -> WhisperBundle:
+    return load_whisper(str(converted_models_dir / "tiny.en"), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def base(converted_models_dir) -> WhisperBundle:
+    return load_whisper(str(converted_models_dir / "base"), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_en, base) -> dict[str, WhisperBundle]:
+    return {"tiny.en": tiny_en, "base": base}
+
+
+@pytest.fixture(scope="module")
+def jfk_runs(models) -> dict[str, Run]:
+    """jfk.flac with default options, per model."""
+    return {name: transcribe_one(bundle, load_audio(JFK)) for name, bundle in models.items()}
+
+
+@pytest.fixture(scope="module")
+def jfk_word_runs(models) -> dict[str, Run]:
+    """jfk.flac with word timestamps, per model."""
+    audio = load_audio(JFK)
+    return {
+        name: transcribe_one(bundle, audio, word_timestamps=True) for name, bundle in models.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def librispeech_runs(base) -> list[tuple[dict[str, Any], Run]]:
+    clips = group("en_librispeech")
+    runs = transcribe_all(base, [(load_audio(c["path"]), TranscribeOptions()) for c in clips])
+    return list(zip(clips, runs, strict=True))
+
+
+@pytest.fixture(scope="module")
+def longform_run(base) -> tuple[dict[str, Any], Run]:
+    (clip,) = group("longform")
+    assert clip["path"] == LONGFORM
+    return clip, transcribe_one(base, load_audio(clip["path"]))
+
+
+@pytest.fixture(scope="module")
+def fleurs_runs(base) -> dict[tuple[str, str], tuple[dict[str, Any], Run]]:
+    """The 20 de/fr/es/pt FLEURS clips with language detection (key ``("detect", id)``), plus
+    a forced language and a translation, all concurrently in shared batches."""
+    clips = manifest()
+    requests: list[tuple[str, str, TranscribeOptions]] = [
+        ("detect", clip["id"], TranscribeOptions())
+        for language in FLEURS_LANGUAGES
+        for clip in group(f"fleurs_{language}")
+    ]
+    requests += [
+        ("force-fr", "fleurs-es-002", TranscribeOptions(language="fr")),
+        ("force-de", "fleurs-de-000", TranscribeOptions(language="de")),
+        ("translate", "fleurs-de-004", TranscribeOptions(task="translate")),
+    ]
+    runs = transcribe_all(
+        base, [(load_audio(clips[clip_id]["path"]), options) for _, clip_id, options in requests]
+    )
+    return {
+        (kind, clip_id): (clips[clip_id], run)
+        for (kind, clip_id, _), run in zip(requests, runs, strict=True)
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# accuracy
+
+
+@pytest.mark.parametrize("model", ["tiny.en", "base"])
+def test_jfk_word_for_word(jfk_runs, model):
+    result, _ = jfk_runs[model]
+    assert result.language == "en"
+    assert english(result.text) == english(JFK_TEXT), result.text
+    assert jiwer.wer(english(JFK_TEXT), english(result.text)) == 0.0
+
+
+def test_librispeech_wer_with_base(librispeech_runs):
+    assert len(librispeech_runs) == 5
+    references = [english(clip["text"]) for clip, _ in librispeech_runs]
+    hypotheses = [english(result.text) for _, (result, _) in librispeech_runs]
+    wer = jiwer.wer(references, hypotheses)
+    per_clip = {
+        clip["id"]: round(jiwer.wer(ref, hyp), 3)
+        for (clip, _), ref, hyp in zip(librispeech_runs, references, hypotheses, strict=True)
+    }
+    assert wer <= 0.10, f"aggregate WER {wer:.3f}; per clip {per_clip}"
+
+
+def test_language_detection_with_base(fleurs_runs):
+    detected = {
+        clip_id: (clip["language"], result.language, result.language_probability)
+        for (kind, clip_id), (clip, (result, _)) in fleurs_runs.items()
+        if kind == "detect"
+    }
+    assert len(detected) == 20
+    assert {expected for expected, _, _ in detected.values()} == set(FLEURS_LANGUAGES)
+    correct = sum(expected == got for expected, got, _ in detected.values())
+    assert correct >= 18, f"{correct}/20 detected: {detected}"
+    assert all(0.0 < probability <= 1.0 for _, _, probability in detected.values())
+
+
+def test_forcing_a_language(fleurs_runs):
+    # the language of the first window decides; a forced one is used as given
+    _, (detected, _) = fleurs_runs["detect", "fleurs-de-000"]
+    _, (forced, _) = fleurs_runs["force-de", "fleurs-de-000"]
+    assert detected.language == forced.language == "de"
+    assert forced.text == detected.text
+
+    # a Spanish clip forced to French comes out in French
+    _, (spanish, _) = fleurs_runs["detect", "fleurs-es-002"]
+    _, (french, _) = fleurs_runs["force-fr", "fleurs-es-002"]
+    assert spanish.language == "es"
+    assert french.language == "fr"
+    assert basic(french.text) != basic(spanish.text)
+    french_only = {"il", "ils", "ne", "pas", "qui", "à", "les", "des", "est", "et", "du", "au"}
+    in_french = [w for w in words(french.text) if w in french_only]
+    in_spanish = [w for w in words(spanish.text) if w in french_only]
+    assert len(in_french) >= 3 and len(in_french) > len(in_spanish), (french.text, spanish.text)
+
+
+def test_translate_german_to_english(fleurs_runs):
+    _, (german, _) = fleurs_runs["detect", "fleurs-de-004"]
+    _, (translated, _) = fleurs_runs["translate", "fleurs-de-004"]
+    assert translated.task == "translate"
+    assert translated.language == german.language == "de"  # the language spoken
+    english_words = words(translated.text)
+    assert len(english_words) >= 8, translated.text
+    function_words = {"the", "of", "and", "is", "to", "a", "in", "on", "from", "it", "that"}
+    german_words = {"der", "die", "das", "und", "ist", "von", "sich", "auf", "ein", "eine", "den"}
+    assert len(function_words & set(english_words)) >= 4, translated.text
+    assert not german_words & set(english_words), translated.text
+    # not the German transcript: few words in common (names and numbers at most)
+    shared = set(english_words) & set(words(german.text))
+    assert len(shared) <= 0.2 * len(set(english_words)), (shared, translated.text, german.text)
+
+
+def test_longform_no_window_dropped_or_repeated(longform_run):
+    clip, (result, info) = longform_run
+    duration = len(load_audio(clip["path"])) / SAMPLE_RATE
+    assert duration > 100
+    assert info.windows >= 4  # 30 s windows over 106 s of speech
+    wer = jiwer.wer(english(clip["text"]), english(result.text))
+    assert wer <= 0.10, f"WER {wer:.3f}: {result.text}"
+    segments = result.segments
+    starts = [segment.start for segment in segments]
+    assert starts == sorted(starts)
+    texts = [basic(segment.text) for segment in segments]
+    assert all(a != b for a, b in itertools.pairwise(texts)), texts
+    # no stretch of the (continuous) speech without a segment
+    gaps = [b.start - a.end for a, b in itertools.pairwise(segments)]
+    assert max(gaps) < 5.0, gaps
+    assert segments[0].start < 2.0
+    assert duration - 10.0 <= segments[-1].end <= duration + 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# verbose_json values
+
+
+def verbose_runs(
+    jfk_runs, librispeech_runs, longform_run
+) -> Iterator[tuple[str, str, Transcription, float]]:
+    for model, (result, _) in jfk_runs.items():
+        yield f"jfk/{model}", model, result, len(load_audio(JFK)) / SAMPLE_RATE
+    for clip, (result, _) in [*librispeech_runs, longform_run]:
+        yield f"{clip['id']}/base", "base", result, len(load_audio(clip["path"])) / SAMPLE_RATE
+
+
+def test_verbose_values_are_real(models, jfk_runs, librispeech_runs, longform_run):
+    for name, model, result, duration in verbose_runs(jfk_runs, librispeech_runs, longform_run):
+        vocab = models[model].vocab
+        segments = result.segments
+        assert segments, name
+        assert result.duration == pytest.approx(duration)
+        assert result.text == "".join(segment.text for segment in segments).strip()
+        assert [segment.id for segment in segments] == list(range(len(segments))), name
+        previous = None
+        for segment in segments:
+            where = f"{name} segment {segment.id}: {segment}"
+            assert segment.text.strip(), where
+            assert vocab.decode(segment.tokens) == segment.text, where
+            assert segment.tokens[0] >= vocab.timestamp_begin, where  # starts at a timestamp
+            assert all(token < vocab.timestamp_begin + 1501 for token in segment.tokens), where
+            assert np.isfinite(segment.avg_logprob) and segment.avg_logprob < 0.0, where
+            assert segment.compression_ratio > 0.0, where
+            assert 0.0 <= segment.no_speech_prob <= 1.0, where
+            assert segment.temperature in TranscribeOptions().temperatures, where
+            assert 0.0 <= segment.start < segment.end <= duration + 0.01, where
+            # seek: mel frames (100 a second) where the segment's 30 s window starts
+            assert isinstance(segment.seek, int), where
+            assert 0 <= segment.seek <= segment.start * 100 + 1, where
+            assert segment.end * 100 <= segment.seek + N_FRAMES + 1, where
+            if previous is not None:
+                assert segment.seek >= previous.seek, where
+                assert segment.start >= previous.end - 0.01, where
+                if segment.seek == previous.seek:  # one window: the same window values
+                    assert segment.avg_logprob == previous.avg_logprob, where
+                    assert segment.no_speech_prob == previous.no_speech_prob, where
+            previous = segment
+
+
+# --------------------------------------------------------------------------------------------
+# word timestamps
+
+
+@pytest.mark.parametrize("model", ["tiny.en", "base"])
+def test_word_timestamps_on_jfk(jfk_word_runs, model):
+    result, _ = jfk_word_runs[model]
+    assert english(result.text) == english(JFK_TEXT)
+    all_words = result.words
+    assert len(all_words) == len(JFK_TEXT.split())
+    for segment in result.segments:
+        assert segment.words, segment
+        joined = "".join(word.word for word in segment.words)
+        assert re.sub(r"\s", "", joined) == re.sub(r"\s", "", segment.text), segment
+        for word in segment.words:
+            assert segment.start - 0.1 <= word.start <= word.end <= segment.end + 0.1, word
+    for word in all_words:
+        assert 0.0 <= word.start <= word.end <= 11.0 + 0.01, word
+        assert word.end - word.start <= 3.0, word
+        assert 0.0 <= word.probability <= 1.0, word
+    for earlier, later in itertools.pairwise(all_words):
+        assert later.start >= earlier.end - 0.01, (earlier, later)
+    first, last = all_words[0], all_words[-1]
+    assert first.word.strip() == "And" and first.start <= 1.0, first
+    assert last.word.strip() == "country." and 9.5 <= last.end <= 11.01, last
+    # "fellow" comes well before "country." and after "And"
+    fellow = next(word for word in all_words if word.word.strip() == "fellow")
+    assert 0.5 <= fellow.start <= 2.5, fellow
+
+
+# --------------------------------------------------------------------------------------------
+# temperature fallback
+
+
+def test_default_thresholds_keep_temperature_zero(jfk_runs):
+    for model, (result, info) in jfk_runs.items():
+        assert info.fallbacks == 0, model
+        assert result.segments and all(s.temperature == 0.0 for s in result.segments), model
+
+
+def test_failing_windows_fall_back_to_higher_temperatures(tiny_en):
+    # every decode has avg_logprob < 0, so a threshold of 0 fails every attempt: each window
+    # goes through the whole schedule and keeps the last, hottest attempt
+    torch.manual_seed(0)
+    options = TranscribeOptions(logprob_threshold=0.0)
+    schedule = options.temperatures
+    assert schedule == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    result, info = transcribe_all(tiny_en, [(load_audio(JFK), options)])[0]
+    assert info.windows >= 1
+    assert info.fallbacks == info.windows * (len(schedule) - 1)
+    assert result.segments
+    assert all(segment.temperature == schedule[-1] > 0 for segment in result.segments)
+
+
+# --------------------------------------------------------------------------------------------
+# batching
+
+
+def test_one_batch_decodes_like_separate_calls(base):
+    """Four windows with different prompts, languages and tasks in one decode_batch call give
+    the same tokens as four calls of one: what batching across requests relies on."""
+    vocab, features = base.vocab, log_mel(base.feature_extractor)
+    clips = manifest()
+    longform_text = clips["ljspeech_LJ001-0001_to_0016"]["text"]
+
+    def window(path: str) -> tuple[np.ndarray, int]:
+        audio = load_audio(path)[: N_FRAMES * HOP_LENGTH]
+        return features(audio), len(audio) // HOP_LENGTH
+
+    jfk_mel, jfk_frames = window(JFK)
+    de_mel, de_frames = window(clips["fleurs-de-000"]["path"])
+    fr_mel, _ = window(clips["fleurs-fr-000"]["path"])
+    translate_mel, _ = window(clips["fleurs-de-004"]["path"])
+    prompt = vocab.encode(" " + longform_text[:400])  # ~80 tokens: the others are left-padded
+    jobs = [
+        DecodeJob.for_window(
+            jfk_mel, prompt=prompt, language="en", word_timestamps=True, num_frames=jfk_frames
+        ),
+        DecodeJob.for_window(de_mel, language="de", word_timestamps=True, num_frames=de_frames),
+        DecodeJob.for_window(fr_mel, language=None),
+        DecodeJob.for_window(translate_mel, language=None, task="translate"),
+    ]
+    assert len(prompt) > 50
+
+    alone = [decode_batch(base, [job])[0] for job in jobs]
+    together = decode_batch(base, jobs)
+
+    assert [r.language for r in together] == ["en", "de", "fr", "de"]
+    for i, (single, batched) in enumerate(zip(alone, together, strict=True)):
+        assert single.error is None and batched.error is None, (single.error, batched.error)
+        assert len([t for t in batched.tokens if t < vocab.eot]) >= 10, i
+        assert batched.tokens == single.tokens, (
+            i,
+            vocab.decode(single.tokens),
+            vocab.decode(batched.tokens),
+        )
+        assert batched.language == single.language
+        assert batched.language_probability == pytest.approx(single.language_probability, 1e-4)
+        assert batched.avg_logprob == pytest.approx(single.avg_logprob, abs=1e-4)
+        assert batched.no_speech_prob == pytest.approx(single.no_speech_prob, abs=1e-4)
+        assert np.isfinite(batched.avg_logprob)
+        assert len(batched.token_times) == len(single.token_times)
+        assert np.allclose(batched.token_times, single.token_times, atol=0.021), i
+        assert np.allclose(batched.token_probs, single.token_probs, atol=1e-3), i
+    # the prompt conditions the text, which stays JFK's ("ask" may become "asked")
+    assert jiwer.wer(english(JFK_TEXT), english(vocab.decode(together[0].tokens))) <= 0.1
+    # word timestamps: one start per text token plus a final end
+    for i in (0, 1):
+        text_tokens = [t for t in together[i].tokens if t < vocab.eot]
+        assert len(together[i].token_times) == len(text_tokens) + 1
+
+
+# --------------------------------------------------------------------------------------------
+# silence and short audio
+
+
+@pytest.mark.parametrize("model", ["tiny.en", "base"])
+def test_silent_window_yields_no_segments(models, model):
+    result = transcribe_plain(models[model], np.zeros(N_FRAMES * HOP_LENGTH, dtype=np.float32))
+    assert result.segments == []
+    assert result.text == ""
+    assert result.duration == pytest.approx(30.0)
+    assert isinstance(result.language, str) and result.language
+
+
+def test_faint_noise_is_skipped_by_the_no_speech_rule(base):
+    # not digital silence: decoded, and skipped because no_speech_prob > 0.6 and
+    # avg_logprob < -1 (base: ~0.99 and ~-1.96)
+    noise = np.random.default_rng(0).standard_normal(N_FRAMES * HOP_LENGTH) * 0.01
+    result, info = transcribe_one(base, noise.astype(np.float32))
+    assert info.windows == 1
+    assert result.segments == []
+    assert result.text == ""
+
+
+@pytest.mark.parametrize("model", ["tiny.en", "base"])
+def test_window_shorter_than_a_second(models, model):
+    audio = load_audio(JFK)[: int(0.75 * SAMPLE_RATE)]  # "And so"
+    result = transcribe_plain(models[model], audio)
+    assert result.duration == pytest.approx(0.75)
+    assert words(result.text) == ["and", "so"], result.text
+    assert result.segments
+    for segment in result.segments:
+        assert 0.0 <= segment.start < segment.end <= 0.75 + 0.001, segment
