@@ -8,6 +8,7 @@ Each scales on its own (BentoCloud, Kubernetes). Settings: ``configs/`` and ``BE
 
 from __future__ import annotations
 
+import aiohttp
 import bentoml
 import numpy as np
 from transformers import WhisperFeatureExtractor
@@ -80,5 +81,10 @@ class BentoWhisper:
         )
 
     async def decode_windows(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
-        # The dependency's client connects lazily: resolve its method at call time.
-        return await self.model.to_async.decode(jobs)
+        # The dependency's client connects lazily: resolve its method at call time. A pooled
+        # connection the model service has just closed fails at once; decoding is idempotent,
+        # so such a call is retried once.
+        try:
+            return await self.model.to_async.decode(jobs)
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            return await self.model.to_async.decode(jobs)

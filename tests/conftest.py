@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,59 @@ def converted_models_dir() -> Path:
     for model in EMBEDDED.values():
         ensure_converted(model, models_dir)
     return models_dir
+
+
+@pytest.fixture(scope="session")
+def server(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``bentoml serve service:BentoWhisper`` on a free port, started from the repository root
+    as a user would, and ready (``GET /readyz`` answered 200).
+
+    Yields a :class:`server.BentoServer`: ``.url`` (``http://127.0.0.1:PORT``), ``.base_url``
+    (``.url + "/v1"``), ``.port``, ``.log_path``, ``.log_tail()``, ``.track()``. Settings: the
+    CPU profile with the converted models reused, ``BENTOWHISPER_MAX_UPLOAD_MB=4`` and
+    ``BENTOWHISPER_API_KEY_FILE`` at ``.api_key_file``: empty (no authentication, so the README's
+    examples run as written) until a test writes a key into it (see ``api_key``). At teardown the
+    server is stopped (SIGINT, SIGINT, SIGKILL) and the fixture fails if any process it started
+    (workers, FFmpeg) is still running.
+    """
+    import warnings
+
+    from server import start_server
+
+    tmp = tmp_path_factory.mktemp("bentoml-serve")
+    env = {
+        "BENTOML_DO_NOT_TRACK": "true",
+        "BENTOML_HOME": str(tmp / "bentoml-home"),
+        "BENTOWHISPER_MODELS_DIR": str(converted_models_dir),
+        "BENTOWHISPER_API_KEY_FILE": str(tmp / "api-keys"),
+        "BENTOWHISPER_MAX_UPLOAD_MB": "4",
+    }
+    (tmp / "api-keys").write_text("")
+    running = start_server(log_dir=tmp, env=env)
+    running.api_key_file = tmp / "api-keys"
+    try:
+        running.wait_ready()
+    except BaseException:
+        running.stop()
+        raise
+    yield running
+    shutdown = running.stop()
+    assert not shutdown.leftovers, (
+        f"processes left after SIGKILL: {shutdown.leftovers}\n{running.log_tail()}"
+    )
+    if shutdown.killed:  # a server bug, but not one that should fail every test run
+        warnings.warn(
+            f"bentoml serve ignored SIGINT twice; SIGKILLed: {shutdown.killed}", stacklevel=1
+        )
+
+
+@pytest.fixture
+def api_key(server) -> Iterator[str]:
+    """Require a bearer key on the running server for one test (the key file is read per
+    request, so keys rotate without a restart), then lift the requirement again."""
+    key = "test-key"
+    server.api_key_file.write_text(f"# rotated by the test\n{key}\n")
+    try:
+        yield key
+    finally:
+        server.api_key_file.write_text("")

@@ -60,6 +60,7 @@ from .vocabulary import Vocabulary
 log = logging.getLogger(__name__)
 CREATED = 1_700_000_000  # a fixed `created` for /v1/models: the model's age is not a fact we have
 DISCONNECT_POLL_S = 0.5
+_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
 class ClientClosedRequest(OpenAIError):
@@ -127,6 +128,10 @@ def create_app() -> FastAPI:
         app.add_api_route(f"{prefix}/audio/translations", create_translation, methods=["POST"])
         app.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
         app.add_api_route(f"{prefix}/models/{{model_id:path}}", retrieve_model, methods=["GET"])
+    # BentoML answers paths no mounted route matches with a plain-text 404; claim the OpenAI
+    # namespaces so that a client of an endpoint we lack (say /v1/audio/speech) gets the envelope.
+    for namespace in ("/v1/{rest:path}", "/audio/{rest:path}"):
+        app.add_api_route(namespace, unknown_path, methods=_ALL_METHODS, include_in_schema=False)
     return app
 
 
@@ -156,6 +161,10 @@ async def retrieve_model(request: Request, model_id: str) -> Model:
     if model_id not in backend.model_names:
         raise NotFound.model(model_id)
     return _model(model_id)
+
+
+async def unknown_path(request: Request) -> Response:
+    raise NotFound(f"Unknown path: {request.method} {request.url.path}")
 
 
 def _model(name: str) -> Model:
