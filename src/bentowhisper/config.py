@@ -42,6 +42,7 @@ class Settings:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # "auto" (fp16 on GPU, fp32 on CPU), "float32", "float16", "bfloat16"
     attn_implementation: str = "sdpa"
+    quantization: str = "none"  # "int8": dynamic int8 linear layers (CPU only)
     # Adaptive batching of 30 s windows across requests.
     max_batch_size: int = 8
     max_latency_ms: int = 60_000

@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -259,6 +260,7 @@ def load_whisper(
     device: str = "auto",
     dtype: str = "auto",
     attn_implementation: str = "sdpa",
+    quantization: str = "none",
     name: str | None = None,
 ) -> WhisperBundle:
     """Load model, tokenizer and feature extractor of a checkpoint (a directory or a hub id).
@@ -281,6 +283,10 @@ def load_whisper(
     model.to(torch_device)
     model.eval()
     model.requires_grad_(False)
+    if quantization == "int8":
+        model = _quantize_int8(model, torch_device)
+    elif quantization != "none":
+        raise ValueError(f"unknown quantization {quantization!r}; use none or int8")
     return WhisperBundle(
         model=model,
         tokenizer=WhisperTokenizerFast.from_pretrained(checkpoint),
@@ -292,6 +298,21 @@ def load_whisper(
     )
 
 
+def _quantize_int8(
+    model: WhisperForConditionalGeneration, device: torch.device
+) -> WhisperForConditionalGeneration:
+    """Dynamic int8 quantization of the linear layers: int8 weights, activations quantized on
+    the fly. On CPUs it cuts most of the matmul time (see docs/benchmarks.md for speed and WER);
+    GPUs have faster options (fp16/bf16), so it is refused there."""
+    import torch
+
+    if device.type != "cpu":
+        raise ValueError("int8 dynamic quantization runs on the CPU only; use float16 on GPUs")
+    with warnings.catch_warnings():  # torch.ao's notice that torchao is its successor
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def load_from_settings(settings: Settings, checkpoint: str | None = None) -> WhisperBundle:
     """Load ``checkpoint`` (default: ``settings.model`` resolved, converting an embedded model
     on first use) on the settings' device, dtype and attention implementation."""
@@ -300,5 +321,6 @@ def load_from_settings(settings: Settings, checkpoint: str | None = None) -> Whi
         device=settings.device,
         dtype=settings.dtype,
         attn_implementation=settings.attn_implementation,
+        quantization=settings.quantization,
         name=settings.model,
     )

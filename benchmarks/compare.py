@@ -1,0 +1,147 @@
+"""Us versus the peer, on this machine, with the same weights and clips, in one run.
+
+For each embedded model (tiny.en, base) it starts each server in turn (ours with fp32 and with
+int8 linear layers, then the faster-whisper-server peer), runs the accuracy tool over the whole
+eval set and the load tool over the English dev clips at 1, 4 and 16 concurrent clients, stops
+it, and runs faster-whisper in-process over the same English clips. Then, on our default
+configuration, the head-of-line probe with a 10-minute file. Every command line it runs is
+printed and stored beside the results (``--out``, default ``docs/results``).
+
+    .venv/bin/python benchmarks/compare.py                  # everything (~30 min on 2 cores)
+    .venv/bin/python benchmarks/compare.py --models tiny.en --skip-hol
+
+The peer needs ``benchmarks/peer/setup.sh`` first. Only loopback addresses are contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from server import free_port, start_server  # noqa: E402 - the test suite's server harness
+
+PY = sys.executable
+PEER_PY = REPO / "benchmarks/peer/.venv/bin/python"
+ENGLISH_DEV = ["en_ljspeech", "en_librispeech", "en_misc", "fleurs_en"]
+LEVELS = ["1", "4", "16"]
+
+
+def run(command: list[str], log: list[str]) -> None:
+    line = " ".join(shlex.quote(part) for part in command)
+    print(f"\n$ {line}", flush=True)
+    log.append(line)
+    subprocess.run(command, check=True, cwd=REPO)
+
+
+def measure(label: str, base_url: str, model: str, out: Path, args, log: list[str]) -> None:
+    run(
+        [PY, "benchmarks/evaluate.py", "--base-url", base_url, "--model", model,
+         "--out", str(out / f"wer-{label}.json"), "--markdown", str(out / f"wer-{label}.md")],
+        log,
+    )  # fmt: skip
+    run(
+        [PY, "benchmarks/load.py", "--base-url", base_url, "--model", model,
+         "--groups", *ENGLISH_DEV, "--concurrency", *LEVELS, "--requests", str(args.requests),
+         "--warmup", "2", "--out", str(out / f"load-{label}.json"),
+         "--plot", str(out / f"load-{label}.png")],
+        log,
+    )  # fmt: skip
+
+
+def ours(model: str, quantization: str, out: Path, args, log: list[str]) -> None:
+    label = f"ours-{model}-{quantization}"
+    env = {
+        "BENTOML_DO_NOT_TRACK": "true",
+        "BENTOML_HOME": str(out / "tmp-bentoml-home"),
+        "BENTOWHISPER_MODEL": model,
+        "BENTOWHISPER_QUANTIZATION": quantization,
+    }
+    if args.models_dir:
+        env["BENTOWHISPER_MODELS_DIR"] = args.models_dir
+    log.append(f"# {label}: {' '.join(f'{k}={v}' for k, v in env.items())} bentoml serve")
+    (out / "tmp").mkdir(exist_ok=True)
+    server = start_server(log_dir=out / "tmp", env=env)
+    try:
+        server.wait_ready()
+        measure(label, server.base_url, "whisper-1", out, args, log)
+        if args.hol and model == "base" and quantization == args.default_quantization:
+            run(
+                [PY, "benchmarks/hol.py", "--base-url", server.base_url, "--model", "whisper-1",
+                 "--make-long", "600", "--short-requests", "12", "--language", "en",
+                 "--out", str(out / "hol-ours-base.json")],
+                log,
+            )  # fmt: skip
+    finally:
+        server.stop()
+
+
+def peer(model: str, out: Path, args, log: list[str]) -> None:
+    port = free_port()
+    command = ["benchmarks/peer/serve.sh", model, str(port)]
+    log.append(f"# peer-{model}: {' '.join(command)}")
+    proc = subprocess.Popen(command, cwd=REPO, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health")
+        measure(f"peer-{model}", f"http://127.0.0.1:{port}/v1", "whisper-1", out, args, log)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _wait_http(url: str, deadline_s: float = 120.0) -> None:
+    import httpx
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"{url} did not answer in {deadline_s} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny.en", "base"])
+    parser.add_argument("--quantizations", nargs="+", default=["none", "int8"])
+    parser.add_argument("--default-quantization", default="int8")
+    parser.add_argument("--requests", type=int, default=32, help="requests per load level")
+    parser.add_argument("--models-dir", default=os.environ.get("BENTOWHISPER_MODELS_DIR"))
+    parser.add_argument("--skip-peer", dest="peer", action="store_false")
+    parser.add_argument("--skip-hol", dest="hol", action="store_false")
+    parser.add_argument("--out", type=Path, default=REPO / "docs/results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log: list[str] = []
+    started = time.time()
+    for model in args.models:
+        for quantization in args.quantizations:
+            ours(model, quantization, args.out, args, log)
+        if args.peer:
+            peer(model, args.out, args, log)
+            run(
+                [str(PEER_PY), "benchmarks/peer/fw_inprocess.py", "--model", model,
+                 "--groups", *ENGLISH_DEV, "--out", str(args.out / f"fw-inprocess-{model}.json")],
+                log,
+            )  # fmt: skip
+    (args.out / "commands.json").write_text(
+        json.dumps(
+            {"started": started, "seconds": time.time() - started, "commands": log}, indent=1
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
