@@ -224,29 +224,25 @@ def _sample(
     for step in range(SAMPLE_LEN):
         logits = rules.apply(logits, active, step)
         logprobs = logits.log_softmax(dim=-1)
-        greedy = logits.argmax(dim=-1)
+        chosen = logits.argmax(dim=-1)  # greedy rows; rows with a temperature sample instead
         temps = temperatures[active]
         hot = temps > 0
         if hot.any():
             scaled = logits[hot] / temps[hot, None]
-            greedy[hot] = torch.multinomial(scaled.softmax(dim=-1), 1).squeeze(-1)
-        chosen = greedy
+            chosen[hot] = torch.multinomial(scaled.softmax(dim=-1), 1).squeeze(-1)
         chosen_logprobs = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
         chosen_list = chosen.tolist()
-        done = []
+        unfinished = []
         for row, (index, token) in enumerate(zip(active.tolist(), chosen_list, strict=True)):
             sum_logprobs[index] += chosen_logprobs[row]
-            if token == vocab.eot:
-                done.append(row)
-            else:
+            if token != vocab.eot:
                 sampled[index].append(token)
+                unfinished.append(row)
         rules.record(active, chosen)
-        if done:
-            keep = torch.tensor(
-                [r for r in range(len(chosen_list)) if r not in set(done)], device=device
-            )
-            if keep.numel() == 0:
-                break
+        if not unfinished:
+            break
+        if len(unfinished) < len(chosen_list):
+            keep = torch.tensor(unfinished, device=device)
             cache.batch_select_indices(keep)
             active, chosen, position = active[keep], chosen[keep], position[keep]
             mask = mask[keep]
