@@ -20,6 +20,14 @@ from .models import EMBEDDED, resolve_checkpoint
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt", "vocab.json"]
 
 
+def default_tag(name: str) -> str:
+    """``base`` -> ``whisper-base``, ``openai/whisper-large-v3-turbo`` -> ``whisper-large-v3-turbo``
+    (the name bentofile.yaml expects), ``distil-whisper/distil-large-v3`` ->
+    ``whisper-distil-large-v3``; a directory gives its own name."""
+    last = re.sub(r"[^a-z0-9_.-]+", "-", Path(name.rstrip("/")).name.lower()).strip("-.")
+    return last if last.startswith("whisper") else f"whisper-{last}"
+
+
 def import_model(name: str, models_dir: Path, tag: str | None = None) -> str:
     """Copy a checkpoint (embedded, local or hub) into the BentoML model store; return its tag.
 
@@ -28,7 +36,7 @@ def import_model(name: str, models_dir: Path, tag: str | None = None) -> str:
     import bentoml
 
     checkpoint = resolve_checkpoint(name, models_dir)
-    store_name = tag or "whisper-" + re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-.")
+    store_name = tag or default_tag(name)
     with bentoml.models.create(store_name, labels={"source": name}) as stored:
         if Path(checkpoint).is_dir():
             shutil.copytree(checkpoint, stored.path, dirs_exist_ok=True)
