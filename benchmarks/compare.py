@@ -68,12 +68,13 @@ def ours(model: str, quantization: str, out: Path, args, log: list[str]) -> None
     if args.models_dir:
         env["BENTOWHISPER_MODELS_DIR"] = args.models_dir
     log.append(f"# {label}: {' '.join(f'{k}={v}' for k, v in env.items())} bentoml serve")
-    (out / "tmp").mkdir(exist_ok=True)
-    server = start_server(log_dir=out / "tmp", env=env)
+    logs = out / "tmp" / label  # each server's log kept for the run's post-mortem
+    logs.mkdir(parents=True, exist_ok=True)
+    server = start_server(log_dir=logs, env=env)
     try:
         server.wait_ready()
         measure(label, server.base_url, "whisper-1", out, args, log)
-        if args.hol and model == "base" and quantization == args.default_quantization:
+        if args.hol and model == "base" and quantization == args.hol_quantization:
             run(
                 [PY, "benchmarks/hol.py", "--base-url", server.base_url, "--model", "whisper-1",
                  "--make-long", "600", "--short-requests", "12", "--language", "en",
@@ -115,7 +116,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny.en", "base"])
     parser.add_argument("--quantizations", nargs="+", default=["none", "int8"])
-    parser.add_argument("--default-quantization", default="int8")
+    parser.add_argument("--hol-quantization", default="none", help="server of the HOL probe")
     parser.add_argument("--requests", type=int, default=32, help="requests per load level")
     parser.add_argument("--models-dir", default=os.environ.get("BENTOWHISPER_MODELS_DIR"))
     parser.add_argument("--skip-peer", dest="peer", action="store_false")
