@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import formats
@@ -29,6 +31,7 @@ from .config import Settings
 from .metrics import metrics
 from .protocol import (
     BadRequest,
+    GatewayTimeout,
     InternalError,
     Model,
     ModelList,
@@ -60,6 +63,9 @@ from .vocabulary import Vocabulary
 log = logging.getLogger(__name__)
 CREATED = 1_700_000_000  # a fixed `created` for /v1/models: the model's age is not a fact we have
 DISCONNECT_POLL_S = 0.5
+# BentoML answers a request still running at ``traffic.timeout`` with a 504 of its own whose
+# body is not OpenAI's envelope; stop decoding this much earlier and answer in the envelope.
+TIMEOUT_MARGIN_S = 1.0
 _ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
@@ -189,6 +195,7 @@ async def _transcribe(request: Request, *, translation: bool) -> Response:
 async def _serve(
     request: Request, backend: Backend, *, translation: bool, outcome: dict
 ) -> Response:
+    deadline = time.monotonic() + backend.settings.request_timeout_s - TIMEOUT_MARGIN_S
     _authorize(request, backend)
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
@@ -201,6 +208,10 @@ async def _serve(
                 params, data = await _read_form(form, backend, translation=translation)
         except HTTPException as exc:  # starlette's multipart errors: too many files, bad framing
             raise BadRequest(f"Could not parse the multipart body: {exc.detail}") from None
+        except ClientDisconnect:  # gone mid-upload (or a Content-Length longer than the body)
+            raise ClientClosedRequest(
+                "The client closed the connection during the upload."
+            ) from None
         outcome["format"] = params.response_format
         options = _options(params, backend.vocab)
         audio = await _decode_upload(data, backend.settings)
@@ -213,7 +224,7 @@ async def _serve(
             return StreamingResponse(
                 _stream(segments, info, options, backend), media_type=formats.SSE_MEDIA_TYPE
             )
-        await _until_done_or_disconnected(_drain(segments), request)
+        await _until_done_or_disconnected(_drain(segments), request, deadline)
         _count(info, options)
     body, media_type = formats.render(to_transcription(info, options), params)
     if isinstance(body, dict):
@@ -236,16 +247,30 @@ async def _drain(segments: AsyncIterator[Segment]) -> None:
         ) from exc
 
 
-async def _until_done_or_disconnected(work: Awaitable[None], request: Request) -> None:
-    """Run the transcription, but stop decoding (at the next window) if the client leaves."""
+async def _until_done_or_disconnected(
+    work: Awaitable[None], request: Request, deadline: float
+) -> None:
+    """Run the transcription, but stop decoding (at the next window) if the client leaves, the
+    deadline (``time.monotonic()``) passes or this handler is cancelled."""
     task = asyncio.ensure_future(work)
-    while not task.done():
-        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if not task.done() and await request.is_disconnected():
+    try:
+        while not task.done():
+            remaining = deadline - time.monotonic()
+            await asyncio.wait({task}, timeout=max(min(DISCONNECT_POLL_S, remaining), 0))
+            if task.done():
+                break
+            if await request.is_disconnected():
+                raise ClientClosedRequest("The client closed the connection.")
+            if time.monotonic() >= deadline:
+                raise GatewayTimeout(
+                    "The transcription took longer than the server's request time limit and was"
+                    " stopped; send shorter audio, or retry when the server is less busy."
+                )
+    finally:
+        if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            raise ClientClosedRequest("The client closed the connection.")
     task.result()
 
 

@@ -402,6 +402,12 @@ class InternalError(OpenAIError):
     error_type = "server_error"
 
 
+class GatewayTimeout(OpenAIError):
+    status_code = 504
+    error_type = "server_error"
+    default_message = "The request took longer than the server's time limit and was stopped."
+
+
 def bad_request_from_validation(exc: ValidationError) -> BadRequest:
     """Turn pydantic's first error into OpenAI's 400, ``param`` being the wire field name."""
     error = exc.errors(include_url=False)[0]
