@@ -519,3 +519,17 @@ def test_window_shorter_than_a_second(models, model):
     assert result.segments
     for segment in result.segments:
         assert 0.0 <= segment.start < segment.end <= 0.75 + 0.001, segment
+
+
+def test_every_container_gives_the_same_transcript(tiny_en, tmp_path):
+    """jfk re-encoded into each format users send decodes (by content) and transcribes to the
+    same words as the original FLAC."""
+    from test_audio import ENCODINGS, _ffmpeg
+
+    original = transcribe_one(tiny_en, load_audio(JFK))[0].text
+    assert english(original) == english(JFK_TEXT)
+    for name, (file_name, options) in ENCODINGS.items():
+        path = tmp_path / file_name
+        _ffmpeg("-i", str(EVAL_DIR / JFK), "-vn", *options, str(path))
+        result, _ = transcribe_one(tiny_en, decode_audio(path.read_bytes()))
+        assert english(result.text) == english(original), (name, result.text)
