@@ -1,0 +1,22 @@
+"""A one-minute soak in CI (the 10-minute one is ``benchmarks/soak.py``, figures in
+docs/reliability.md): 64 clients against the real server, every request answered."""
+
+from __future__ import annotations
+
+import sys
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from soak import soak
+
+
+def test_64_clients_for_a_minute_lose_nothing(server) -> None:
+    report = soak(server.base_url, server.proc.pid, clients=64, duration_s=60.0)
+    print({k: v for k, v in report.items() if k != "rss_samples"})
+
+    assert report["requests"] >= 64
+    assert report["outcomes"].get("ok", 0) > 0
+    # 200, or 429/503 (which this server sends with Retry-After); never a timeout or a drop
+    assert report["lost"] == 0, report["outcomes"]
+    assert report["rss_peak_mb"] > 0
