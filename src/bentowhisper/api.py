@@ -130,8 +130,18 @@ def create_app() -> FastAPI:
     app.add_exception_handler(Exception, _unexpected_error)
     app.add_middleware(_BodyLimit)
     for prefix in ("", "/v1"):
-        app.add_api_route(f"{prefix}/audio/transcriptions", create_transcription, methods=["POST"])
-        app.add_api_route(f"{prefix}/audio/translations", create_translation, methods=["POST"])
+        app.add_api_route(
+            f"{prefix}/audio/transcriptions",
+            create_transcription,
+            methods=["POST"],
+            openapi_extra=_multipart_body(translation=False),
+        )
+        app.add_api_route(
+            f"{prefix}/audio/translations",
+            create_translation,
+            methods=["POST"],
+            openapi_extra=_multipart_body(translation=True),
+        )
         app.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
         app.add_api_route(f"{prefix}/models/{{model_id:path}}", retrieve_model, methods=["GET"])
     # BentoML answers paths no mounted route matches with a plain-text 404; claim the OpenAI
@@ -139,6 +149,32 @@ def create_app() -> FastAPI:
     for namespace in ("/v1/{rest:path}", "/audio/{rest:path}"):
         app.add_api_route(namespace, unknown_path, methods=_ALL_METHODS, include_in_schema=False)
     return app
+
+
+def _multipart_body(*, translation: bool) -> dict:
+    """The form the routes read by hand (to parse it exactly as the SDK sends it), described
+    for /docs and for schema-driven fuzzing."""
+    fields: dict[str, dict] = {
+        "file": {"type": "string", "format": "binary"},
+        "model": {"type": "string", "example": "whisper-1"},
+        "prompt": {"type": "string"},
+        "response_format": {
+            "type": "string",
+            "enum": ["json", "text", "srt", "verbose_json", "vtt"],
+        },
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+    }
+    if not translation:
+        fields["language"] = {"type": "string"}
+        fields["timestamp_granularities[]"] = {
+            "type": "array",
+            "items": {"type": "string", "enum": ["word", "segment"]},
+        }
+        fields["stream"] = {"type": "boolean"}
+    schema = {"type": "object", "required": ["file", "model"], "properties": fields}
+    return {
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+    }
 
 
 # --------------------------------------------------------------------------------------------
