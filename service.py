@@ -8,6 +8,8 @@ Each scales on its own (BentoCloud, Kubernetes). Settings: ``configs/`` and ``BE
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import bentoml
 import numpy as np
@@ -22,6 +24,7 @@ from bentowhisper.vocabulary import load_vocabulary
 
 SETTINGS = settings()
 ON_GPU = SETTINGS.device.startswith("cuda")
+DECODE_CALL_TIMEOUT_S = 2 * SETTINGS.max_latency_ms / 1000
 # A model-store reference as a class attribute is what makes `bentoml build` pack the weights.
 STORED = bentoml.models.BentoModel(SETTINGS.bento_model) if SETTINGS.bento_model else None
 
@@ -81,6 +84,12 @@ class BentoWhisper:
         )
 
     async def decode_windows(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
+        # A window waits at most max_latency_ms in the batcher before it is shed (503), so a
+        # call still unanswered after twice that has lost its worker (in a container BentoML
+        # does not restart it): give up rather than hold the request until its deadline.
+        return await asyncio.wait_for(self._decode(jobs), timeout=DECODE_CALL_TIMEOUT_S)
+
+    async def _decode(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
         # The dependency's client connects lazily: resolve its method at call time. A pooled
         # connection the model service has just closed fails at once; decoding is idempotent,
         # so such a call is retried once.
