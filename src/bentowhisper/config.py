@@ -53,7 +53,7 @@ class Settings:
     max_audio_seconds: float = 3 * 3600.0
     decode_timeout_s: float = 120.0
     # Requests in flight per API worker before 429 + Retry-After (the rest would only queue).
-    max_concurrent_requests: int = 64
+    max_concurrent_requests: int = 16
     # Bearer keys; empty means no authentication.
     api_keys: list[str] = field(default_factory=list)
     api_key_file: str = ""
