@@ -310,12 +310,15 @@ class OpenAIError(Exception):
         *,
         param: str | None = None,
         code: str | None = None,
-        headers: dict[str, str] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         self.message = message or self.default_message
         self.param = param
         self.code = code if code is not None else self.default_code
-        self.headers = headers
+        # Retry-After takes whole seconds; the SDK honours it when deciding its backoff.
+        self.headers = (
+            None if retry_after is None else {"Retry-After": str(max(0, math.ceil(retry_after)))}
+        )
         super().__init__(self.message)
 
     @property
@@ -332,11 +335,6 @@ class OpenAIError(Exception):
                 "code": self.code,
             }
         }
-
-
-def _retry_after(seconds: float | None) -> dict[str, str] | None:
-    # Retry-After takes whole seconds; the SDK honours it when deciding its backoff.
-    return None if seconds is None else {"Retry-After": str(max(0, math.ceil(seconds)))}
 
 
 class BadRequest(OpenAIError):
@@ -384,17 +382,11 @@ class RateLimited(OpenAIError):
     default_code = "rate_limit_exceeded"
     default_message = "Too many requests; retry later."
 
-    def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
-        super().__init__(message, headers=_retry_after(retry_after))
-
 
 class ServiceUnavailable(OpenAIError):
     status_code = 503
     error_type = "server_error"
     default_message = "The server is overloaded or not ready yet; retry later."
-
-    def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
-        super().__init__(message, headers=_retry_after(retry_after))
 
 
 class InternalError(OpenAIError):
