@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,16 @@ EVAL_DIR = Path(
     os.environ.get("BENTOWHISPER_EVAL_DIR")
     or Path(__file__).resolve().parents[2] / "shared" / "eval"
 )
+
+
+def reference(clip_id: str) -> str:
+    """The human reference transcript of ``clip_id`` from the eval manifest."""
+    with open(EVAL_DIR / "manifest.jsonl", encoding="utf-8") as manifest:
+        for line in manifest:
+            entry = json.loads(line)
+            if entry["id"] == clip_id:
+                return entry["text"]
+    raise KeyError(clip_id)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ converting the embedded model, instead of loading the Bento's model, would write
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import subprocess
@@ -29,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import EVAL_DIR
+from conftest import EVAL_DIR, reference
 from openai import OpenAI
 from server import BentoServer, bentoml_command, free_port
 from whisper_normalizer.english import EnglishTextNormalizer
@@ -50,16 +49,6 @@ class BuiltBento:
     home: Path
     info: dict[str, Any]
     env: dict[str, str]  # BENTOML_HOME and friends, for further bentoml commands
-
-
-def reference(clip_id: str) -> str:
-    """The human reference transcript of ``clip_id`` from the eval manifest."""
-    with open(EVAL_DIR / "manifest.jsonl", encoding="utf-8") as manifest:
-        for line in manifest:
-            entry = json.loads(line)
-            if entry["id"] == clip_id:
-                return entry["text"]
-    raise KeyError(clip_id)
 
 
 def run(command: list[str], env: dict[str, str], cwd: Path = REPO_ROOT) -> str:

@@ -10,7 +10,6 @@ calibration dispatches are over by then.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import httpx
 import jiwer
 import openai
 import pytest
-from conftest import EVAL_DIR
+from conftest import EVAL_DIR, reference
 from openai.types.audio import (
     Transcription,
     TranscriptionTextDeltaEvent,
@@ -54,16 +53,6 @@ english = EnglishTextNormalizer()
 basic = BasicTextNormalizer()
 
 pytestmark = pytest.mark.skipif(not JFK.exists(), reason=f"eval set not found at {EVAL_DIR}")
-
-
-def reference(clip_id: str) -> str:
-    """The human reference transcript of ``clip_id`` from the eval manifest."""
-    with open(EVAL_DIR / "manifest.jsonl", encoding="utf-8") as manifest:
-        for line in manifest:
-            entry = json.loads(line)
-            if entry["id"] == clip_id:
-                return entry["text"]
-    raise KeyError(clip_id)
 
 
 def words(text: str) -> list[str]:
