@@ -16,12 +16,14 @@ import numpy as np
 from transformers import WhisperFeatureExtractor
 
 from bentowhisper.api import Admission, Backend, create_app
+from bentowhisper.bentoml_timeout import patch_timeout_middleware
 from bentowhisper.config import settings
 from bentowhisper.decoding import DecodeJob, DecodeResult, decode_batch
 from bentowhisper.models import load_from_settings, resolve_checkpoint
 from bentowhisper.transcribe import WINDOW_SAMPLES, log_mel
 from bentowhisper.vocabulary import load_vocabulary
 
+patch_timeout_middleware()  # else every request stays in memory for traffic.timeout seconds
 SETTINGS = settings()
 ON_GPU = SETTINGS.device.startswith("cuda")
 DECODE_CALL_TIMEOUT_S = 2 * SETTINGS.max_latency_ms / 1000

@@ -31,20 +31,42 @@ ENGLISH_DEV = ["en_ljspeech", "en_librispeech", "en_misc", "fleurs_en"]
 ANSWERED = {"ok", "429", "503"}
 
 
-def tree_rss_bytes(root: int) -> int:
-    """Resident memory of ``root`` and every process below it."""
+def role(cmdline: list[str]) -> str:
+    """``--service-name`` of a BentoML worker, ``arbiter`` for ``bentoml serve``, else the exe."""
+    if "--service-name" in cmdline[:-1]:
+        return cmdline[cmdline.index("--service-name") + 1]
+    if "serve" in cmdline:
+        return "arbiter"
+    return Path(cmdline[0]).name if cmdline else "?"
+
+
+def tree_rss_bytes(root: int) -> dict[str, int]:
+    """Resident memory of ``root`` and every process below it, summed by :func:`role`."""
     import psutil
 
     try:
         parent = psutil.Process(root)
         processes = [parent, *parent.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return {}
+    by_role: dict[str, int] = {}
     for process in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
-            total += process.memory_info().rss
-    return total
+            name = role(process.cmdline())
+            by_role[name] = by_role.get(name, 0) + process.memory_info().rss
+    return by_role
+
+
+def growth(samples: list[tuple[float, int]], warmup_s: float) -> dict[str, float | None]:
+    """MB after warm-up, at the end, and the relative growth between them."""
+    warm = [rss for t, rss in samples if t >= warmup_s] or [rss for _, rss in samples]
+    if not warm or not warm[0]:
+        return {"after_warmup_mb": None, "end_mb": None, "growth": None}
+    return {
+        "after_warmup_mb": round(warm[0] / 2**20, 1),
+        "end_mb": round(warm[-1] / 2**20, 1),
+        "growth": round((warm[-1] - warm[0]) / warm[0], 4),
+    }
 
 
 def soak(base_url: str, pid: int, clients: int, duration_s: float, model: str = "whisper-1"):
@@ -57,7 +79,7 @@ def soak(base_url: str, pid: int, clients: int, duration_s: float, model: str = 
         duration_s=duration_s,
         max_seconds=duration_s + 300.0,
     )
-    samples: list[tuple[float, int]] = []
+    samples: list[tuple[float, dict[str, int]]] = []
     done = threading.Event()
     start = time.monotonic()
 
@@ -79,8 +101,13 @@ def soak(base_url: str, pid: int, clients: int, duration_s: float, model: str = 
     outcomes: dict[str, int] = {}
     for record in level["records"]:
         outcomes[record["outcome"]] = outcomes.get(record["outcome"], 0) + 1
-    warm = [rss for t, rss in samples if t >= duration_s / 4] or [rss for _, rss in samples]
-    growth = (warm[-1] - warm[0]) / warm[0] if warm and warm[0] else None
+    total = [(t, sum(by_role.values())) for t, by_role in samples]
+    roles = sorted({name for _, by_role in samples for name in by_role})
+    per_role = {
+        name: growth([(t, by_role.get(name, 0)) for t, by_role in samples], duration_s / 4)
+        for name in roles
+    }
+    overall = growth(total, duration_s / 4)
     return {
         "clients": clients,
         "duration_s": duration_s,
@@ -89,10 +116,11 @@ def soak(base_url: str, pid: int, clients: int, duration_s: float, model: str = 
         "lost": sum(n for kind, n in outcomes.items() if kind not in ANSWERED),
         "throughput_audio_s_per_s": level["throughput_audio_s_per_s"],
         "latency_s": level["latency_s"],
-        "rss_after_warmup_mb": round(warm[0] / 2**20, 1) if warm else None,
-        "rss_end_mb": round(warm[-1] / 2**20, 1) if warm else None,
-        "rss_peak_mb": round(max(rss for _, rss in samples) / 2**20, 1) if samples else None,
-        "rss_growth_after_warmup": round(growth, 4) if growth is not None else None,
+        "rss_after_warmup_mb": overall["after_warmup_mb"],
+        "rss_end_mb": overall["end_mb"],
+        "rss_peak_mb": round(max(rss for _, rss in total) / 2**20, 1) if total else None,
+        "rss_growth_after_warmup": overall["growth"],
+        "rss_by_process": per_role,
         "rss_samples": samples,
     }
 
