@@ -18,7 +18,7 @@ from transformers import WhisperFeatureExtractor
 from bentowhisper.api import Admission, Backend, create_app
 from bentowhisper.bentoml_timeout import patch_timeout_middleware
 from bentowhisper.config import settings
-from bentowhisper.decoding import DecodeJob, DecodeResult, decode_batch
+from bentowhisper.decoding import DecodeJob, DecodeResult, EncoderCache, decode_batch
 from bentowhisper.models import load_from_settings, resolve_checkpoint
 from bentowhisper.transcribe import WINDOW_SAMPLES, log_mel
 from bentowhisper.vocabulary import load_vocabulary
@@ -49,6 +49,8 @@ class WhisperModel:
 
     def __init__(self) -> None:
         self.bundle = load_from_settings(SETTINGS, checkpoint(self.stored))
+        # Encoder outputs of long files' windows between their slices (SETTINGS.slice_tokens).
+        self.encoder_cache = EncoderCache(capacity=2 * SETTINGS.max_batch_size)
         # Warm up on one silent window so the first request does not pay for lazy init.
         silence = log_mel(self.bundle.feature_extractor)(np.zeros(WINDOW_SAMPLES, np.float32))
         decode_batch(self.bundle, [DecodeJob.for_window(silence, language="en")])
@@ -59,7 +61,7 @@ class WhisperModel:
         max_latency_ms=SETTINGS.max_latency_ms,
     )
     def decode(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
-        return decode_batch(self.bundle, jobs)
+        return decode_batch(self.bundle, jobs, self.encoder_cache)
 
 
 app = create_app()

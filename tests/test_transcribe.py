@@ -29,7 +29,7 @@ from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
 from bentowhisper.audio import decode_audio
-from bentowhisper.decoding import N_FRAMES, DecodeJob, DecodeResult, decode_batch
+from bentowhisper.decoding import N_FRAMES, DecodeJob, DecodeResult, EncoderCache, decode_batch
 from bentowhisper.models import WhisperBundle, load_whisper
 from bentowhisper.transcribe import (
     HOP_LENGTH,
@@ -485,6 +485,58 @@ def test_one_batch_decodes_like_separate_calls(base):
     for i in (0, 1):
         text_tokens = [t for t in together[i].tokens if t < vocab.eot]
         assert len(together[i].token_times) == len(text_tokens) + 1
+
+
+def test_sliced_decoding_resumes_to_the_same_tokens(base):
+    """A window decoded a few tokens per call, resumed from its tokens so far (in a batch with
+    unsliced neighbours), ends with the tokens, log-probability and word times of one call;
+    with or without its encoder output cached between slices."""
+    features = log_mel(base.feature_extractor)
+    clips = manifest()
+    longform = load_audio(LONGFORM)[: N_FRAMES * HOP_LENGTH]  # 30 s of dense speech
+    de = load_audio(clips["fleurs-de-000"]["path"])[: N_FRAMES * HOP_LENGTH]
+    sliced = DecodeJob.for_window(
+        features(longform), language=None, word_timestamps=True, max_steps=7, key="long:0"
+    )
+    neighbour = DecodeJob.for_window(features(de), language="de")
+    (whole,) = decode_batch(base, [sliced.model_copy(update={"max_steps": None, "key": None})])
+    assert whole.done and len(whole.tokens) > 60
+
+    for cache in (EncoderCache(capacity=4), None):
+        job, calls, cached = sliced, 0, []
+        while True:
+            result, other = decode_batch(base, [job, neighbour], cache)
+            calls += 1
+            assert result.error is None and other.error is None
+            assert other.done  # the unsliced neighbour finishes in its first call
+            cached.append(len(cache) if cache is not None else 0)
+            if result.done:
+                break
+            assert len(result.tokens) == 7 * calls
+            assert result.tokens == whole.tokens[: len(result.tokens)]
+            job = job.model_copy(
+                update={
+                    "resume": result.tokens,
+                    "resume_logprob": result.sum_logprob,
+                    "language": result.language,
+                }
+            )
+        assert calls == -(-(len(whole.tokens) + 1) // 7)  # ceil: the last call samples eot
+        assert result.tokens == whole.tokens
+        assert result.language == whole.language == "en"
+        assert result.avg_logprob == pytest.approx(whole.avg_logprob, abs=1e-4)
+        assert result.no_speech_prob == pytest.approx(whole.no_speech_prob, abs=1e-4)
+        assert np.allclose(result.token_times, whole.token_times, atol=0.021)
+        if cache is not None:  # kept between slices, dropped once the window is done
+            assert cached[:-1] == [1] * (calls - 1) and cached[-1] == 0
+
+
+def test_long_audio_in_slices_gives_the_same_transcript(base, longform_run):
+    _, (whole, info) = longform_run
+    sliced, sliced_info = transcribe_one(base, load_audio(LONGFORM), slice_tokens=16)
+    assert sliced_info.windows == info.windows
+    assert [s.text for s in sliced.segments] == [s.text for s in whole.segments]
+    assert [s.tokens for s in sliced.segments] == [s.tokens for s in whole.segments]
 
 
 # --------------------------------------------------------------------------------------------

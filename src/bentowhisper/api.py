@@ -249,7 +249,7 @@ async def _serve(
                 "The client closed the connection during the upload."
             ) from None
         outcome["format"] = params.response_format
-        options = _options(params, backend.vocab)
+        options = _options(params, backend.vocab, backend.settings.slice_tokens)
         audio = await _decode_upload(data, backend.settings)
         info = TranscriptionInfo(duration=len(audio) / SAMPLE_RATE)
         segments = transcribe_segments(
@@ -330,7 +330,7 @@ async def _read_form(
 
 
 def _options(
-    params: TranscriptionRequest | TranslationRequest, vocab: Vocabulary
+    params: TranscriptionRequest | TranslationRequest, vocab: Vocabulary, slice_tokens: int
 ) -> TranscribeOptions:
     language = getattr(params, "language", None)
     if language is not None and language not in vocab.languages:
@@ -347,6 +347,7 @@ def _options(
         prompt=params.prompt,
         temperature=params.temperature,
         word_timestamps=getattr(params, "word_timestamps", False),
+        slice_tokens=slice_tokens or None,
     )
 
 

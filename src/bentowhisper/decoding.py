@@ -5,6 +5,12 @@ Every forward pass goes through :func:`decode_batch`, which takes a list of inde
 temperature) and returns one :class:`DecodeResult` each. Jobs from different requests share
 the encoder pass and every decoder step, which is what adaptive batching across requests needs.
 
+A job may carry a step budget (``max_steps``): it then comes back unfinished (``done=False``)
+after that many tokens and is resubmitted with its tokens so far (``resume``). A long file's
+windows are decoded in such slices so that no batch is held for a whole 30 s window while
+short requests wait behind it; an :class:`EncoderCache` keeps the window's encoder output
+between slices, and a slice that lands on another replica simply encodes the window again.
+
 The decoding rules follow openai-whisper's ``DecodingTask`` (greedy at temperature 0, sampling
 above it, the blank/special-token suppression and the timestamp rules), vectorised over the
 batch so that the per-token Python cost does not grow with the batch size.
@@ -14,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -47,6 +55,10 @@ class DecodeJob(BaseModel):
     timestamps: bool = True
     word_timestamps: bool = False
     num_frames: int = N_FRAMES  # frames of real audio in the window (for alignment)
+    max_steps: int | None = Field(None, ge=1)  # tokens to sample in this call; None: to the end
+    resume: list[int] = Field(default_factory=list)  # tokens sampled by earlier slices
+    resume_logprob: float = 0.0  # their summed log-probability
+    key: str | None = None  # identifies the window across slices (the encoder cache key)
 
     @classmethod
     def for_window(cls, mel: np.ndarray, **fields: object) -> DecodeJob:
@@ -60,6 +72,8 @@ class DecodeJob(BaseModel):
 class DecodeResult(BaseModel):
     tokens: list[int]  # sampled text and timestamp tokens, without <|endoftext|>
     avg_logprob: float
+    sum_logprob: float = 0.0  # what a resumed slice starts from
+    done: bool = True  # False: the step budget ran out first; resubmit with ``resume``
     no_speech_prob: float
     language: str
     language_probability: float
@@ -71,7 +85,39 @@ class DecodeResult(BaseModel):
     error: str | None = None  # set when this item failed; the other items are unaffected
 
 
-def decode_batch(bundle: WhisperBundle, jobs: list[DecodeJob]) -> list[DecodeResult]:
+class EncoderCache:
+    """Encoder outputs of windows decoded in slices, by job key; least recently used first out."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()  # batches may run on more than one thread
+
+    def get(self, key: str | None) -> torch.Tensor | None:
+        with self._lock:
+            encoded = self._items.get(key) if key is not None else None
+            if encoded is not None:
+                self._items.move_to_end(key)
+            return encoded
+
+    def put(self, key: str, encoded: torch.Tensor) -> None:
+        with self._lock:
+            self._items[key] = encoded
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def discard(self, key: str | None) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def decode_batch(
+    bundle: WhisperBundle, jobs: list[DecodeJob], cache: EncoderCache | None = None
+) -> list[DecodeResult]:
     """Decode every job in shared forward passes; a failure is reported per item, never raised.
 
     If the batch as a whole fails (say, out of memory), each job is retried alone so that one
@@ -81,13 +127,15 @@ def decode_batch(bundle: WhisperBundle, jobs: list[DecodeJob]) -> list[DecodeRes
         return []
     try:
         with torch.inference_mode():
-            return _decode(bundle, jobs)
+            return _decode(bundle, jobs, cache)
     except Exception as exc:
         if len(jobs) == 1:
             log.exception("decoding failed")
+            if cache is not None:
+                cache.discard(jobs[0].key)
             return [_failed(jobs[0], exc)]
         log.warning("batch of %d failed (%s); retrying items one by one", len(jobs), exc)
-        return [result for job in jobs for result in decode_batch(bundle, [job])]
+        return [result for job in jobs for result in decode_batch(bundle, [job], cache)]
 
 
 def _failed(job: DecodeJob, exc: Exception) -> DecodeResult:
@@ -102,17 +150,16 @@ def _failed(job: DecodeJob, exc: Exception) -> DecodeResult:
     )
 
 
-def _decode(bundle: WhisperBundle, jobs: list[DecodeJob]) -> list[DecodeResult]:
-    model, vocab = bundle.model, bundle.vocab
-    device, dtype = bundle.device, bundle.dtype
-    features = torch.from_numpy(np.stack([job.mel() for job in jobs])).to(device, dtype)
-    encoded = model.model.encoder(features).last_hidden_state
-
+def _decode(
+    bundle: WhisperBundle, jobs: list[DecodeJob], cache: EncoderCache | None
+) -> list[DecodeResult]:
+    vocab = bundle.vocab
+    encoded = _encode(bundle, jobs, cache)
     languages = _resolve_languages(bundle, encoded, jobs)
     prefixes = [
         _prefix(vocab, job, language) for job, (language, _) in zip(jobs, languages, strict=True)
     ]
-    tokens, sum_logprobs, no_speech = _sample(bundle, encoded, jobs, prefixes)
+    tokens, sum_logprobs, no_speech, done = _sample(bundle, encoded, jobs, prefixes)
 
     results = []
     for i, job in enumerate(jobs):
@@ -122,13 +169,20 @@ def _decode(bundle: WhisperBundle, jobs: list[DecodeJob]) -> list[DecodeResult]:
                 tokens=tokens[i],
                 # openai-whisper: the sum includes <|endoftext|>, hence the + 1
                 avg_logprob=sum_logprobs[i] / (len(tokens[i]) + 1),
+                sum_logprob=sum_logprobs[i],
+                done=done[i],
                 no_speech_prob=no_speech[i],
                 language=language,
                 language_probability=language_probability,
                 temperature=job.temperature,
             )
         )
-    wanted = [i for i, job in enumerate(jobs) if job.word_timestamps]
+        if cache is not None and job.key is not None:
+            if done[i]:
+                cache.discard(job.key)
+            else:
+                cache.put(job.key, encoded[i])
+    wanted = [i for i, job in enumerate(jobs) if job.word_timestamps and done[i]]
     if wanted:
         alignments = align_tokens(
             bundle,
@@ -140,6 +194,23 @@ def _decode(bundle: WhisperBundle, jobs: list[DecodeJob]) -> list[DecodeResult]:
         for i, (times, probs) in zip(wanted, alignments, strict=True):
             results[i].token_times, results[i].token_probs = times, probs
     return results
+
+
+def _encode(
+    bundle: WhisperBundle, jobs: list[DecodeJob], cache: EncoderCache | None
+) -> torch.Tensor:
+    """The encoder output of every job's window: from the cache, else one batched pass."""
+    cached = [cache.get(job.key) if cache is not None else None for job in jobs]
+    missing = [i for i, hit in enumerate(cached) if hit is None]
+    if missing:
+        mels = np.stack([jobs[i].mel() for i in missing])
+        features = torch.from_numpy(mels).to(bundle.device, bundle.dtype)
+        fresh = bundle.model.model.encoder(features).last_hidden_state
+        if len(missing) == len(jobs):
+            return fresh
+        for row, i in enumerate(missing):
+            cached[i] = fresh[row]
+    return torch.stack(cached)
 
 
 def _resolve_languages(
@@ -181,23 +252,28 @@ def _sample(
     encoded: torch.Tensor,
     jobs: list[DecodeJob],
     prefixes: list[list[int]],
-) -> tuple[list[list[int]], list[float], list[float]]:
+) -> tuple[list[list[int]], list[float], list[float], list[bool]]:
     """The decoding loop: left-padded prefixes, one step for all active rows at a time.
 
-    Rows leave the batch (and the KV cache) as soon as they emit <|endoftext|>, so a short
-    window does not pay for a long neighbour.
+    Rows leave the batch (and the KV cache) as soon as they emit <|endoftext|> or use up their
+    step budget, so a short window does not pay for a long neighbour. A resumed job's earlier
+    tokens are fed with its prefix in the first pass, which rebuilds its KV cache.
     """
     model, vocab = bundle.model, bundle.vocab
     device = encoded.device
     batch = len(jobs)
-    width = max(map(len, prefixes))
+    inputs = [p + job.resume for p, job in zip(prefixes, jobs, strict=True)]
+    width = max(map(len, inputs))
     pad = vocab.eot
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes], device=device)
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in inputs], device=device)
     mask = torch.tensor(
-        [[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device, dtype=torch.long
+        [[0] * (width - len(x)) + [1] * len(x) for x in inputs], device=device, dtype=torch.long
     )
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    sot_index = torch.tensor([width - len(p) + p.index(vocab.sot) for p in prefixes], device=device)
+    sot_index = torch.tensor(
+        [width - len(x) + p.index(vocab.sot) for p, x in zip(prefixes, inputs, strict=True)],
+        device=device,
+    )
 
     out = model.model.decoder(
         input_ids=input_ids,
@@ -216,12 +292,15 @@ def _sample(
 
     rules = _Rules(vocab, jobs, device, logits.shape[-1])
     temperatures = torch.tensor([job.temperature for job in jobs], device=device)
-    sampled: list[list[int]] = [[] for _ in range(batch)]
-    sum_logprobs = [0.0] * batch
+    sampled = [list(job.resume) for job in jobs]
+    sum_logprobs = [job.resume_logprob for job in jobs]
+    # the last step each row may take in this call: its budget, within SAMPLE_LEN in all
+    last_step = [min(SAMPLE_LEN - len(job.resume), job.max_steps or SAMPLE_LEN) - 1 for job in jobs]
+    done = [True] * batch
     active = rows.clone()  # original index of each row still decoding
     position = positions[:, -1]
 
-    for step in range(SAMPLE_LEN):
+    for step in range(max(last_step) + 1):
         logits = rules.apply(logits, active, step)
         logprobs = logits.log_softmax(dim=-1)
         chosen = logits.argmax(dim=-1)  # greedy rows; rows with a temperature sample instead
@@ -235,9 +314,13 @@ def _sample(
         unfinished = []
         for row, (index, token) in enumerate(zip(active.tolist(), chosen_list, strict=True)):
             sum_logprobs[index] += chosen_logprobs[row]
-            if token != vocab.eot:
-                sampled[index].append(token)
+            if token == vocab.eot:
+                continue
+            sampled[index].append(token)
+            if step < last_step[index]:
                 unfinished.append(row)
+            elif len(sampled[index]) < SAMPLE_LEN:
+                done[index] = False  # budget spent: the caller resumes it
         rules.record(active, chosen)
         if not unfinished:
             break
@@ -247,8 +330,6 @@ def _sample(
             active, chosen, position = active[keep], chosen[keep], position[keep]
             mask = mask[keep]
             encoded = encoded[keep]
-        if step == SAMPLE_LEN - 1:
-            break
         position = position + 1
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = model.model.decoder(
@@ -261,7 +342,7 @@ def _sample(
         )
         cache = out.past_key_values
         logits = model.proj_out(out.last_hidden_state[:, -1]).float()
-    return sampled, sum_logprobs, no_speech
+    return sampled, sum_logprobs, no_speech, done
 
 
 class _Rules:
@@ -280,25 +361,31 @@ class _Rules:
         last_initial = vocab.timestamp_begin + round(MAX_INITIAL_TIMESTAMP / vocab.time_precision)
         self.too_late_initial = ids > last_initial
         self.ids = ids
-        batch = len(jobs)
         self.timestamps = torch.tensor([job.timestamps for job in jobs], device=device)
-        # per original row: the last two sampled tokens (-1: none) and the last timestamp seen
-        self.last = torch.full((batch,), -1, device=device)
-        self.penultimate = torch.full((batch,), -1, device=device)
-        self.last_timestamp = torch.full((batch,), -1, device=device)
+        # per original row: tokens sampled before this call, the last two sampled tokens
+        # (-1: none) and the last timestamp seen; a resumed job starts from its earlier tokens
+        history = [[-1, -1, *job.resume] for job in jobs]
+        self.resumed = torch.tensor([len(job.resume) for job in jobs], device=device)
+        self.last = torch.tensor([h[-1] for h in history], device=device)
+        self.penultimate = torch.tensor([h[-2] for h in history], device=device)
+        ts_begin = vocab.timestamp_begin
+        self.last_timestamp = torch.tensor(
+            [max((t for t in h if t >= ts_begin), default=-1) for h in history], device=device
+        )
 
     def apply(self, logits: torch.Tensor, active: torch.Tensor, step: int) -> torch.Tensor:
         v = self.vocab
+        sampled = self.resumed[active] + step  # tokens this row has sampled so far
+        first = sampled == 0
         ban = self.suppress.expand_as(logits).clone()
-        if step == 0:
-            ban |= self.begin_suppress
+        ban |= first[:, None] & self.begin_suppress
         ban[:, v.no_timestamps] = True
         with_ts = self.timestamps[active]
         ban |= ~with_ts[:, None] & self.is_timestamp
 
         last, penult = self.last[active], self.penultimate[active]
         last_ts = last >= v.timestamp_begin
-        penult_ts = (penult >= v.timestamp_begin) | (step < 2)
+        penult_ts = (penult >= v.timestamp_begin) | (sampled < 2)
         # timestamps come in pairs: after a pair only text, after a lone one no text
         ban |= (with_ts & last_ts & penult_ts)[:, None] & self.is_timestamp
         ban |= (with_ts & last_ts & ~penult_ts)[:, None] & self.is_text
@@ -307,8 +394,7 @@ class _Rules:
         floor = torch.where(last_ts & ~penult_ts, seen, seen + 1)
         floor = torch.where(seen >= 0, floor, torch.zeros_like(floor))
         ban |= (with_ts[:, None] & self.is_timestamp) & (self.ids[None, :] < floor[:, None])
-        if step == 0:
-            ban |= with_ts[:, None] & (~self.is_timestamp | self.too_late_initial)[None, :]
+        ban |= (first & with_ts)[:, None] & (~self.is_timestamp | self.too_late_initial)[None, :]
         logits = logits.masked_fill(ban, -math.inf)
 
         # if the timestamps together are likelier than any text token, force a timestamp

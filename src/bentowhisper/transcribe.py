@@ -5,12 +5,15 @@ windows, moved by the timestamp tokens the model emits; the previous text condit
 window; each window is decoded at temperature 0 and again at higher temperatures while its text
 fails the compression-ratio or log-probability checks. Windows are submitted to a ``decode``
 coroutine that takes a list of jobs: in the service that is the batching model service, so the
-windows of many requests share forward passes.
+windows of many requests share forward passes. The windows of audio longer than one window are
+decoded in slices of ``slice_tokens`` tokens, each a separate call, so that a long file never
+holds a batch (and the short requests in it) for a whole window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -52,6 +55,7 @@ class TranscribeOptions:
     condition_on_previous_text: bool = True
     prompt_reset_on_temperature: float = 0.5
     word_timestamps: bool = False
+    slice_tokens: int | None = None  # step budget per decode call for audio over 30 s
 
     @property
     def temperatures(self) -> list[float]:
@@ -107,6 +111,8 @@ async def transcribe_segments(
     context: list[int] = list(initial_prompt)
     prompt_reset_since = 0
     language = options.language if vocab.is_multilingual else "en"
+    sliced = options.slice_tokens if content_frames > N_FRAMES else None
+    request_key = uuid.uuid4().hex
     seek = 0
     while seek < content_frames:
         window = audio[seek * HOP_LENGTH : seek * HOP_LENGTH + WINDOW_SAMPLES]
@@ -121,6 +127,8 @@ async def transcribe_segments(
             task=options.task,
             word_timestamps=options.word_timestamps,
             num_frames=segment_size,
+            max_steps=sliced,
+            key=f"{request_key}:{seek}" if sliced else None,
         )
         result = await _decode_with_fallback(job, options, decode, vocab, info)
         info.windows += 1
@@ -184,9 +192,7 @@ async def _decode_with_fallback(
     """Decode at each temperature of the schedule until the text passes the checks."""
     result: DecodeResult | None = None
     for attempt, temperature in enumerate(options.temperatures):
-        (result,) = await decode([job.model_copy(update={"temperature": temperature})])
-        if result.error:
-            raise DecodeError(result.error)
+        result = await _decode_to_end(job.model_copy(update={"temperature": temperature}), decode)
         if attempt:
             info.fallbacks += 1
         if job.language is None:  # keep the language detected on the first attempt
@@ -195,6 +201,24 @@ async def _decode_with_fallback(
             break
     assert result is not None
     return result
+
+
+async def _decode_to_end(job: DecodeJob, decode: DecodeFn) -> DecodeResult:
+    """Decode one window, resubmitting it with its tokens so far while it comes back unfinished."""
+    (first,) = await decode([job])
+    result = first
+    while not result.error and not result.done:
+        job = job.model_copy(
+            update={
+                "resume": result.tokens,
+                "resume_logprob": result.sum_logprob,
+                "language": result.language,  # detected by the first slice
+            }
+        )
+        (result,) = await decode([job])
+    if result.error:
+        raise DecodeError(result.error)
+    return result.model_copy(update={"language_probability": first.language_probability})
 
 
 def _needs_fallback(result: DecodeResult, options: TranscribeOptions, vocab: Vocabulary) -> bool:
