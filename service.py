@@ -9,6 +9,7 @@ Each scales on its own (BentoCloud, Kubernetes). Settings: ``configs/`` and ``BE
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import bentoml
@@ -19,7 +20,7 @@ from bentowhisper.api import Admission, Backend, create_app
 from bentowhisper.bentoml_timeout import patch_timeout_middleware
 from bentowhisper.config import settings
 from bentowhisper.decoding import DecodeJob, DecodeResult, EncoderCache, decode_batch
-from bentowhisper.models import load_from_settings, resolve_checkpoint
+from bentowhisper.models import WhisperBundle, load_from_settings, resolve_checkpoint
 from bentowhisper.transcribe import WINDOW_SAMPLES, log_mel
 from bentowhisper.vocabulary import load_vocabulary
 
@@ -48,20 +49,30 @@ class WhisperModel:
     stored = STORED
 
     def __init__(self) -> None:
-        self.bundle = load_from_settings(SETTINGS, checkpoint(self.stored))
+        # One thread loads, warms up and runs the model: torch ran it 1.4x slower on threads
+        # other than the one that loaded it, such as BentoML's pool for sync APIs
+        # (benchmarks/profile_decode.py, docs/benchmarks.md).
+        self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        self.bundle = self.torch_thread.submit(self._load).result()
         # Encoder outputs of long files' windows between their slices (SETTINGS.slice_tokens).
         self.encoder_cache = EncoderCache(capacity=2 * SETTINGS.max_batch_size)
+
+    def _load(self) -> WhisperBundle:
+        bundle = load_from_settings(SETTINGS, checkpoint(self.stored))
         # Warm up on one silent window so the first request does not pay for lazy init.
-        silence = log_mel(self.bundle.feature_extractor)(np.zeros(WINDOW_SAMPLES, np.float32))
-        decode_batch(self.bundle, [DecodeJob.for_window(silence, language="en")])
+        silence = log_mel(bundle.feature_extractor)(np.zeros(WINDOW_SAMPLES, np.float32))
+        decode_batch(bundle, [DecodeJob.for_window(silence, language="en")])
+        return bundle
 
     @bentoml.api(
         batchable=True,
         max_batch_size=SETTINGS.max_batch_size,
         max_latency_ms=SETTINGS.max_latency_ms,
     )
-    def decode(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
-        return decode_batch(self.bundle, jobs, self.encoder_cache)
+    async def decode(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.torch_thread, decode_batch, self.bundle, jobs, self.encoder_cache
+        )
 
 
 app = create_app()
@@ -101,3 +112,4 @@ class BentoWhisper:
             return await self.model.to_async.decode(jobs)
         except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
             return await self.model.to_async.decode(jobs)
+
