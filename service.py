@@ -16,7 +16,7 @@ import bentoml
 import numpy as np
 from transformers import WhisperFeatureExtractor
 
-from bentowhisper.api import Admission, Backend, create_app
+from bentowhisper.api import Admission, Backend, LineBreakPathNotFound, create_app
 from bentowhisper.bentoml_timeout import patch_timeout_middleware
 from bentowhisper.config import settings
 from bentowhisper.decoding import DecodeJob, DecodeResult, EncoderCache, decode_batch
@@ -113,3 +113,6 @@ class BentoWhisper:
         except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
             return await self.model.to_async.decode(jobs)
 
+
+# Paths BentoML's own router cannot hand to the app still get OpenAI's 404 envelope.
+BentoWhisper.add_asgi_middleware(LineBreakPathNotFound)

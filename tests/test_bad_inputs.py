@@ -582,6 +582,8 @@ CASES: list[Case] = [
     ),
     Case("unknown-v1-path", raw("GET", "/v1/files"), status=404, param=None),
     Case("unknown-model-retrieve", raw("GET", "/v1/models/nope"), status=404, param="model"),
+    # found by the fuzzer: BentoML's router itself cannot route a line break in the path
+    Case("line-break-in-path", raw("GET", "/v1/models/%0Awhisper-1"), status=404, param=None),
 ]
 
 

@@ -20,5 +20,13 @@ def test_generated_requests_get_no_server_error(case, server) -> None:
 
     assert response.status_code < 500, (case.as_curl_command(), response.text[:500])
     if response.status_code >= 400:
-        body = response.json()
-        assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        assert isinstance(body, dict) and set(body) == {"error"}, (
+            case.as_curl_command(),
+            response.status_code,
+            response.text[:500],
+        )
+        assert set(body["error"]) == ERROR_KEYS, body

@@ -443,6 +443,21 @@ class _BodyLimit:
         await self.app(scope, limited, send)
 
 
+class LineBreakPathNotFound:
+    """For the BentoML service around the app: BentoML mounts the app at "/" with a pattern
+    that does not match a path holding a line break (``%0A`` in the URL) and answers such a
+    path with a plain-text 404 of its own; this answers it in OpenAI's envelope first."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and "\n" in scope["path"]:
+            await _send_error(NotFound(f"Unknown path: {scope['path']!r}"), send)
+            return
+        await self.app(scope, receive, send)
+
+
 def _too_large(limit: int) -> str:
     return f"Maximum content size limit ({limit} bytes) exceeded."
 
