@@ -1,17 +1,20 @@
-"""Where one request's time goes, in-process: FFmpeg, features, encoder, decoder steps, rules.
+"""Where a request's time goes, in-process: FFmpeg, features, encoder, decoder steps, rules.
 
-For each model, one clip (default jfk, 11 s) is taken through the engine's stages the way the
-service does: FFmpeg decoding of the uploaded bytes (``decode_audio``), log-mel features, then
-``decode_batch`` for its single window. Inside ``decode_batch`` the encoder, every decoder
-forward pass (the prefill and each step), the output projection and openai-whisper's logit
-rules (``_Rules.apply``) are timed by wrapping them; the rest of the decoding loop (sampling,
-bookkeeping, KV-cache trimming) is what remains. Medians over ``--repeats`` runs after a
-warm-up, with ``torch.get_num_threads()`` threads unless ``--threads`` says otherwise.
+1. One request: the clip (default jfk, 11 s) goes through the stages the service runs: FFmpeg
+   decoding of the uploaded bytes (``decode_audio``), log-mel features, then ``decode_batch``
+   for its single window. Inside ``decode_batch`` the encoder, every decoder forward pass (the
+   prefill and one per token), the output projection, openai-whisper's logit rules
+   (``_Rules.apply``) and the KV-cache trimming as rows finish are timed by wrapping them; the
+   rest of the loop (sampling, bookkeeping) is what remains.
+2. A batch: the first ``--batch`` English dev clips decoded one by one, then as one batch, with
+   the same breakdown: what cross-request batching saves on this machine, stage by stage.
+3. Threads: the same single-window ``decode_batch`` on another thread than the one that loaded
+   the model (as a sync BentoML API would run it, on its worker pool) against the loading
+   thread. Torch ran the model markedly slower there, which is why the model service runs all
+   model work on the one thread that loaded it (``service.py``).
 
-Last, the same ``decode_batch`` is timed on another thread than the one that loaded the model
-(as a sync BentoML API would run it, on its worker pool), against the loading thread: on this
-machine torch ran the model markedly slower there, which is why the model service runs all
-model work on the one thread that loaded it (``service.py``).
+Medians over ``--repeats`` runs after a warm-up, fp32, torch's thread count unless
+``--threads`` says otherwise.
 
     .venv/bin/python benchmarks/profile_decode.py --out docs/results/profile-decode.json
 """
@@ -24,20 +27,26 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers.cache_utils import EncoderDecoderCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluate import DEFAULT_MANIFEST, load_manifest, select_clips
 from rtf import CLIPS, DEFAULT_EVAL_DIR, DEFAULT_MODELS_DIR
 
 from bentowhisper import decoding
 from bentowhisper.audio import decode_audio
 from bentowhisper.decoding import DecodeJob, decode_batch
-from bentowhisper.models import EMBEDDED, ensure_converted, load_whisper
-from bentowhisper.transcribe import WINDOW_SAMPLES, log_mel
+from bentowhisper.models import EMBEDDED, WhisperBundle, ensure_converted, load_whisper
+from bentowhisper.transcribe import HOP_LENGTH, WINDOW_SAMPLES, log_mel
+
+ENGLISH_DEV = ["en_ljspeech", "en_librispeech", "en_misc", "fleurs_en"]
+STAGES = ("encoder", "decoder_passes", "proj_out", "rules", "kv_trim")
 
 
 class Stopwatch:
@@ -59,53 +68,87 @@ class Stopwatch:
         return timed
 
 
-def profile_once(bundle, data: bytes, language: str) -> dict[str, float]:
-    """One request's stages, in seconds; decoder passes split into prefill and steps."""
+@contextmanager
+def timing(bundle: WhisperBundle) -> Iterator[Stopwatch]:
+    """Time the model's stages while the block runs."""
     watch = Stopwatch()
-    start = time.perf_counter()
-    audio = decode_audio(data)
-    watch.seconds["ffmpeg"] = time.perf_counter() - start
-    start = time.perf_counter()
-    mel = log_mel(bundle.feature_extractor)(audio[:WINDOW_SAMPLES])
-    watch.seconds["features"] = time.perf_counter() - start
-
     model = bundle.model
-    originals = (model.model.encoder.forward, model.model.decoder.forward, model.proj_out.forward)
-    rules_apply = decoding._Rules.apply
-    model.model.encoder.forward = watch.wrap("encoder", originals[0])
-    model.model.decoder.forward = watch.wrap("decoder", originals[1])
-    model.proj_out.forward = watch.wrap("proj_out", originals[2])
-    decoding._Rules.apply = watch.wrap("rules", rules_apply)
+    targets = [
+        (model.model.encoder, "forward", "encoder"),
+        (model.model.decoder, "forward", "decoder_passes"),
+        (model.proj_out, "forward", "proj_out"),
+        (decoding._Rules, "apply", "rules"),
+        (EncoderDecoderCache, "batch_select_indices", "kv_trim"),
+    ]
+    originals = [getattr(owner, attr) for owner, attr, _ in targets]
+    for (owner, attr, name), original in zip(targets, originals, strict=True):
+        setattr(owner, attr, watch.wrap(name, original))
     try:
-        job = DecodeJob.for_window(mel, language=language, num_frames=len(audio) // 160)
-        start = time.perf_counter()
-        (result,) = decode_batch(bundle, [job])
-        total = time.perf_counter() - start
+        yield watch
     finally:
-        model.model.encoder.forward, model.model.decoder.forward, model.proj_out.forward = originals
-        decoding._Rules.apply = rules_apply
-    assert result.error is None, result.error
-    steps = watch.calls["rules"]
-    accounted = sum(watch.seconds[k] for k in ("encoder", "decoder", "proj_out", "rules"))
+        for (owner, attr, _), original in zip(targets, originals, strict=True):
+            if isinstance(owner, type):
+                setattr(owner, attr, original)
+            else:
+                delattr(owner, attr)  # back to the class's method
+
+
+def window_job(bundle: WhisperBundle, audio) -> DecodeJob:
+    mel = log_mel(bundle.feature_extractor)(audio[:WINDOW_SAMPLES])
+    return DecodeJob.for_window(
+        mel, language="en", num_frames=min(len(audio), WINDOW_SAMPLES) // HOP_LENGTH
+    )
+
+
+def decode_stages(bundle: WhisperBundle, jobs: list[DecodeJob]) -> dict[str, float]:
+    """``decode_batch`` of ``jobs``: its wall time and that of each stage, in seconds."""
+    with timing(bundle) as watch:
+        start = time.perf_counter()
+        results = decode_batch(bundle, jobs)
+        total = time.perf_counter() - start
+    assert all(r.error is None for r in results), [r.error for r in results]
+    stages = {name: watch.seconds[name] for name in STAGES}
     return {
-        "ffmpeg": watch.seconds["ffmpeg"],
-        "features": watch.seconds["features"],
         "decode_batch": total,
-        "encoder": watch.seconds["encoder"],
-        "decoder_passes": watch.seconds["decoder"],
-        "proj_out": watch.seconds["proj_out"],
-        "rules": watch.seconds["rules"],
-        "loop_rest": total - accounted,
-        "steps": steps,
-        "tokens": len(result.tokens),
+        **stages,
+        "loop_rest": total - sum(stages.values()),
+        "steps": watch.calls["rules"],
     }
 
 
-def thread_comparison(bundle, data: bytes, language: str, repeats: int) -> tuple[float, float]:
-    """Median ``decode_batch`` seconds on this (the loading) thread and on a pool thread."""
+def one_request(bundle: WhisperBundle, data: bytes) -> dict[str, float]:
+    start = time.perf_counter()
     audio = decode_audio(data)
-    mel = log_mel(bundle.feature_extractor)(audio[:WINDOW_SAMPLES])
-    job = DecodeJob.for_window(mel, language=language, num_frames=len(audio) // 160)
+    ffmpeg = time.perf_counter() - start
+    start = time.perf_counter()
+    job = window_job(bundle, audio)
+    features = time.perf_counter() - start
+    return {"ffmpeg": ffmpeg, "features": features, **decode_stages(bundle, [job])}
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def batch_comparison(bundle: WhisperBundle, jobs: list[DecodeJob], repeats: int) -> dict:
+    """Each job alone (stages summed over the jobs) against all of them in one batch."""
+    decode_stages(bundle, jobs)  # warm-up at this batch size
+    alone = []
+    for _ in range(repeats):
+        runs = [decode_stages(bundle, [job]) for job in jobs]
+        alone.append({key: sum(run[key] for run in runs) for key in runs[0]})
+    together = [decode_stages(bundle, jobs) for _ in range(repeats)]
+    alone_median, together_median = median_of(alone), median_of(together)
+    return {
+        "windows": len(jobs),
+        "alone_summed_s": alone_median,
+        "batched_s": together_median,
+        "speed_up": alone_median["decode_batch"] / together_median["decode_batch"],
+    }
+
+
+def thread_comparison(bundle: WhisperBundle, job: DecodeJob, repeats: int) -> dict:
+    """Median ``decode_batch`` seconds on this (the loading) thread and on a pool thread."""
 
     def once() -> float:
         start = time.perf_counter()
@@ -116,14 +159,21 @@ def thread_comparison(bundle, data: bytes, language: str, repeats: int) -> tuple
         pool.submit(once).result()  # warm-up of that thread
         other = statistics.median(pool.submit(once).result() for _ in range(repeats))
     loading = statistics.median(once() for _ in range(repeats))
-    return loading, other
+    return {"loading_thread_s": loading, "other_thread_s": other, "ratio": other / loading}
+
+
+def ms(values: dict[str, float]) -> str:
+    return ", ".join(
+        f"{k} {v:.0f}" if k == "steps" else f"{k} {v * 1000:.0f} ms" for k, v in values.items()
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny.en,base")
     parser.add_argument("--clip", default="jfk", choices=sorted(CLIPS))
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=8, help="English dev clips in the batch")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--eval-dir", type=Path, default=DEFAULT_EVAL_DIR)
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
@@ -132,34 +182,27 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = (args.eval_dir / CLIPS[args.clip]).read_bytes()
+    dev = select_clips(load_manifest(DEFAULT_MANIFEST), groups=ENGLISH_DEV, ids=None)
+    batch_audio = [decode_audio(clip.path.read_bytes()) for clip in dev[: args.batch]]
     report: dict = {"clip": args.clip, "threads": torch.get_num_threads(), "models": {}}
     for name in args.models.split(","):
         bundle = load_whisper(
             str(ensure_converted(EMBEDDED[name], args.models_dir)), device="cpu", dtype="float32"
         )
-        language = "en"
-        profile_once(bundle, data, language)  # warm-up
-        runs = [profile_once(bundle, data, language) for _ in range(args.repeats)]
-        median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-        per_step = median["decoder_passes"] / max(median["steps"], 1)
-        loading, other = thread_comparison(bundle, data, language, args.repeats)
-        report["models"][name] = {
-            "median_s": median,
-            "decoder_pass_ms": 1000 * per_step,
-            "decode_batch_on_loading_thread_s": loading,
-            "decode_batch_on_other_thread_s": other,
-            "other_over_loading": other / loading,
-        }
-        print(
-            f"{name}: decode_batch {loading * 1000:.0f} ms on the loading thread, "
-            f"{other * 1000:.0f} ms on another ({other / loading:.2f}x)"
+        one_request(bundle, data)  # warm-up
+        request = median_of([one_request(bundle, data) for _ in range(args.repeats)])
+        batch = batch_comparison(
+            bundle, [window_job(bundle, audio) for audio in batch_audio], args.repeats
         )
+        threads = thread_comparison(bundle, window_job(bundle, decode_audio(data)), args.repeats)
+        report["models"][name] = {"request_s": request, "batch": batch, "threads": threads}
+        print(f"{name}, one request: {ms(request)}")
+        print(f"{name}, {batch['windows']} windows alone (summed): {ms(batch['alone_summed_s'])}")
+        print(f"{name}, the same in one batch: {ms(batch['batched_s'])}")
         print(
-            f"{name}: "
-            + ", ".join(
-                f"{k} {v * 1000:.0f} ms" if k not in ("steps", "tokens") else f"{k} {v:.0f}"
-                for k, v in median.items()
-            )
+            f"{name}, batching speed-up {batch['speed_up']:.2f}x; decode_batch on the loading "
+            f"thread {threads['loading_thread_s'] * 1000:.0f} ms, on another "
+            f"{threads['other_thread_s'] * 1000:.0f} ms ({threads['ratio']:.2f}x)"
         )
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
