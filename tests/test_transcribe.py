@@ -399,7 +399,8 @@ def test_word_timestamps_on_jfk(jfk_word_runs, model):
         assert later.start >= earlier.end - 0.01, (earlier, later)
     first, last = all_words[0], all_words[-1]
     assert first.word.strip() == "And" and first.start <= 1.0, first
-    assert last.word.strip() == "country." and 9.5 <= last.end <= 11.01, last
+    # the final period is the model's choice (tiny.en leaves it out)
+    assert last.word.strip().rstrip(".") == "country" and 9.5 <= last.end <= 11.01, last
     # "fellow" comes well before "country." and after "And"
     fellow = next(word for word in all_words if word.word.strip() == "fellow")
     assert 0.5 <= fellow.start <= 2.5, fellow
