@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -86,30 +85,29 @@ class DecodeResult(BaseModel):
 
 
 class EncoderCache:
-    """Encoder outputs of windows decoded in slices, by job key; least recently used first out."""
+    """Encoder outputs of windows decoded in slices, by job key; least recently used first out.
+
+    Used from the one thread that runs the model, one batch at a time.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()  # batches may run on more than one thread
 
     def get(self, key: str | None) -> torch.Tensor | None:
-        with self._lock:
-            encoded = self._items.get(key) if key is not None else None
-            if encoded is not None:
-                self._items.move_to_end(key)
-            return encoded
+        if key is None or key not in self._items:
+            return None
+        self._items.move_to_end(key)
+        return self._items[key]
 
     def put(self, key: str, encoded: torch.Tensor) -> None:
-        with self._lock:
-            self._items[key] = encoded
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+        self._items[key] = encoded
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
 
     def discard(self, key: str | None) -> None:
-        with self._lock:
-            self._items.pop(key, None)
+        self._items.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -181,7 +179,7 @@ def _decode(
             if done[i]:
                 cache.discard(job.key)
             else:
-                cache.put(job.key, encoded[i])
+                cache.put(job.key, encoded[i].clone())  # a view would pin the whole batch
     wanted = [i for i, job in enumerate(jobs) if job.word_timestamps and done[i]]
     if wanted:
         alignments = align_tokens(
