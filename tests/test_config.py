@@ -19,7 +19,8 @@ from bentowhisper.transcribe import TranscribeOptions, log_mel, transcribe
 def test_cpu_profile_is_the_default() -> None:
     settings = load_settings({})
     assert settings.model == "base"
-    assert settings.device == "cpu" and settings.dtype == "float32"
+    assert settings.device == "cpu" and settings.dtype == "auto"
+    assert settings.attn_implementation == "hybrid"
     assert settings.model_aliases == ["whisper-1"]
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import EVAL_DIR
 
-from bentowhisper import convert
+from bentowhisper import convert, models
 from bentowhisper.convert import ConversionError, convert_ctranslate2, read_ctranslate2
 from bentowhisper.models import (
     EMBEDDED,
@@ -58,7 +58,8 @@ def load_audio(path: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def bundles(converted_models_dir: Path) -> dict[str, WhisperBundle]:
     return {
-        name: load_whisper(str(converted_models_dir / name), device="cpu", dtype="auto")
+        # fp32: the converted weights as they are (the source's fp16, widened)
+        name: load_whisper(str(converted_models_dir / name), device="cpu", dtype="float32")
         for name in EMBEDDED
     }
 
@@ -483,9 +484,11 @@ def test_concurrent_first_use_converts_once(tmp_path: Path) -> None:
     assert leftovers == []
 
 
-def test_resolve_dtype() -> None:
+def test_resolve_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_dtype("auto", cpu) == torch.float32
+    for has_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(models, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        assert resolve_dtype("auto", cpu) == expected
     assert resolve_dtype("auto", cuda) == torch.float16
     assert resolve_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
@@ -500,5 +503,7 @@ def test_load_from_settings(converted_models_dir: Path) -> None:
     bundle = load_from_settings(settings)
     assert bundle.name == "tiny.en"
     assert bundle.checkpoint == str(converted_models_dir / "tiny.en")
-    assert bundle.dtype == torch.float32 and bundle.device.type == "cpu"
+    assert bundle.dtype == resolve_dtype("auto", torch.device("cpu"))
+    assert bundle.device.type == "cpu"
+    assert bundle.model.config._attn_implementation == "hybrid"
     assert bundle.vocab.no_speech == 50361

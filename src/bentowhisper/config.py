@@ -40,8 +40,9 @@ class Settings:
     # Where converted embedded checkpoints are cached.
     models_dir: str = "~/.cache/bentowhisper/models"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    dtype: str = "auto"  # "auto" (fp16 on GPU, fp32 on CPU), "float32", "float16", "bfloat16"
-    attn_implementation: str = "sdpa"
+    # "auto": fp16 on GPUs; bf16 on CPUs with bf16 instructions, else fp32 (models.resolve_dtype)
+    dtype: str = "auto"
+    attn_implementation: str = "hybrid"  # SDPA plus matmuls for 1-token steps (attention.py)
     quantization: str = "none"  # "int8": dynamic int8 linear layers (CPU only)
     # Adaptive batching of 30 s windows across requests.
     max_batch_size: int = 8

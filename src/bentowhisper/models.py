@@ -50,6 +50,7 @@ __all__ = [
     "EmbeddedModel",
     "EmbeddedModelMissing",
     "WhisperBundle",
+    "cpu_has_bf16",
     "ensure_converted",
     "load_from_settings",
     "load_whisper",
@@ -224,14 +225,25 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``"auto"``: float16 on GPUs, float32 on CPUs (bf16 is 2x slower on CPUs without bf16)."""
+    """``"auto"``: float16 on GPUs; on CPUs bfloat16 where the CPU has bf16 instructions
+    (AVX512-BF16 or AMX), else float32, since emulated bf16 is slower than fp32."""
     import torch
 
     if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(sorted(set(_DTYPES)))}")
     return getattr(torch, _DTYPES[dtype])
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (there bf16 ran 1.4-1.9x faster than fp32 with
+    the English dev set's word errors unchanged; docs/benchmarks.md)."""
+    import torch
+
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 @dataclass
@@ -274,7 +286,11 @@ def load_whisper(
         WhisperTokenizerFast,
     )
 
+    from . import attention  # noqa: F401 - registers the "hybrid" attention implementation
+
     torch_device = resolve_device(device)
+    if quantization == "int8" and dtype == "auto":
+        dtype = "float32"  # dynamic int8 quantization takes fp32 linear layers
     torch_dtype = resolve_dtype(dtype, torch_device)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if attn_implementation:
@@ -308,6 +324,8 @@ def _quantize_int8(
 
     if device.type != "cpu":
         raise ValueError("int8 dynamic quantization runs on the CPU only; use float16 on GPUs")
+    if model.dtype != torch.float32:
+        raise ValueError("int8 dynamic quantization needs dtype float32 (or auto)")
     with warnings.catch_warnings():  # torch.ao's notice that torchao is its successor
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
