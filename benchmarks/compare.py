@@ -1,7 +1,7 @@
 """Us versus the peer, on this machine, with the same weights and clips, in one run.
 
-For each embedded model (tiny.en, base) it starts each server in turn (ours with fp32 and with
-int8 linear layers, then the faster-whisper-server peer), runs the accuracy tool over the whole
+For each embedded model (tiny.en, base) it starts each server in turn (ours in each of
+``VARIANTS``, then the faster-whisper-server peer), runs the accuracy tool over the whole
 eval set and the load tool over the English dev clips at 1, 4 and 16 concurrent clients, stops
 it, and runs faster-whisper in-process over the same English clips. Then, on our default
 configuration, the head-of-line probe with a 10-minute file. Every command line it runs is
@@ -33,6 +33,12 @@ PY = sys.executable
 PEER_PY = REPO / "benchmarks/peer/.venv/bin/python"
 ENGLISH_DEV = ["en_ljspeech", "en_librispeech", "en_misc", "fleurs_en"]
 LEVELS = ["1", "4", "16"]
+# Our server configurations: environment on top of the CPU profile.
+VARIANTS = {
+    "default": {},  # as shipped: bf16 where the CPU has bf16 instructions, hybrid attention
+    "fp32": {"BENTOWHISPER_DTYPE": "float32", "BENTOWHISPER_ATTN_IMPLEMENTATION": "sdpa"},
+    "int8": {"BENTOWHISPER_QUANTIZATION": "int8"},  # dynamic int8 linear layers (fp32 around)
+}
 
 
 def run(command: list[str], log: list[str]) -> None:
@@ -57,13 +63,13 @@ def measure(label: str, base_url: str, model: str, out: Path, args, log: list[st
     )  # fmt: skip
 
 
-def ours(model: str, quantization: str, out: Path, args, log: list[str]) -> None:
-    label = f"ours-{model}-{quantization}"
+def ours(model: str, variant: str, out: Path, args, log: list[str]) -> None:
+    label = f"ours-{model}-{variant}"
     env = {
         "BENTOML_DO_NOT_TRACK": "true",
         "BENTOML_HOME": str(out / "tmp-bentoml-home"),
         "BENTOWHISPER_MODEL": model,
-        "BENTOWHISPER_QUANTIZATION": quantization,
+        **VARIANTS[variant],
     }
     if args.models_dir:
         env["BENTOWHISPER_MODELS_DIR"] = args.models_dir
@@ -74,7 +80,7 @@ def ours(model: str, quantization: str, out: Path, args, log: list[str]) -> None
     try:
         server.wait_ready()
         measure(label, server.base_url, "whisper-1", out, args, log)
-        if args.hol and model == "base" and quantization == args.hol_quantization:
+        if args.hol and model == "base" and variant == args.hol_variant:
             run(
                 [PY, "benchmarks/hol.py", "--base-url", server.base_url, "--model", "whisper-1",
                  "--make-long", "600", "--short-requests", "12", "--language", "en",
@@ -115,8 +121,8 @@ def _wait_http(url: str, deadline_s: float = 120.0) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny.en", "base"])
-    parser.add_argument("--quantizations", nargs="+", default=["none", "int8"])
-    parser.add_argument("--hol-quantization", default="none", help="server of the HOL probe")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--hol-variant", default="default", help="server of the HOL probe")
     parser.add_argument("--requests", type=int, default=32, help="requests per load level")
     parser.add_argument("--models-dir", default=os.environ.get("BENTOWHISPER_MODELS_DIR"))
     parser.add_argument("--skip-peer", dest="peer", action="store_false")
@@ -127,8 +133,8 @@ def main() -> int:
     log: list[str] = []
     started = time.time()
     for model in args.models:
-        for quantization in args.quantizations:
-            ours(model, quantization, args.out, args, log)
+        for variant in args.variants:
+            ours(model, variant, args.out, args, log)
         if args.peer:
             peer(model, args.out, args, log)
             run(

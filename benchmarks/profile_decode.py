@@ -13,8 +13,8 @@
    thread. Torch ran the model markedly slower there, which is why the model service runs all
    model work on the one thread that loaded it (``service.py``).
 
-Medians over ``--repeats`` runs after a warm-up, fp32, torch's thread count unless
-``--threads`` says otherwise.
+Medians over ``--repeats`` runs after a warm-up, in ``--dtype`` (default float32) with
+``--attn`` (default sdpa), torch's thread count unless ``--threads`` says otherwise.
 
     .venv/bin/python benchmarks/profile_decode.py --out docs/results/profile-decode.json
 """
@@ -175,6 +175,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8, help="English dev clips in the batch")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    parser.add_argument("--attn", default="sdpa", help="attention implementation (hybrid, sdpa)")
     parser.add_argument("--eval-dir", type=Path, default=DEFAULT_EVAL_DIR)
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     parser.add_argument("--out", type=Path)
@@ -184,10 +186,19 @@ def main() -> int:
     data = (args.eval_dir / CLIPS[args.clip]).read_bytes()
     dev = select_clips(load_manifest(DEFAULT_MANIFEST), groups=ENGLISH_DEV, ids=None)
     batch_audio = [decode_audio(clip.path.read_bytes()) for clip in dev[: args.batch]]
-    report: dict = {"clip": args.clip, "threads": torch.get_num_threads(), "models": {}}
+    report: dict = {
+        "clip": args.clip,
+        "dtype": args.dtype,
+        "attn": args.attn,
+        "threads": torch.get_num_threads(),
+        "models": {},
+    }
     for name in args.models.split(","):
         bundle = load_whisper(
-            str(ensure_converted(EMBEDDED[name], args.models_dir)), device="cpu", dtype="float32"
+            str(ensure_converted(EMBEDDED[name], args.models_dir)),
+            device="cpu",
+            dtype=args.dtype,
+            attn_implementation=args.attn,
         )
         one_request(bundle, data)  # warm-up
         request = median_of([one_request(bundle, data) for _ in range(args.repeats)])

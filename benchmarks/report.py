@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from compare import VARIANTS
+
 ENGLISH_DEV = ("en_ljspeech", "en_librispeech", "en_misc", "fleurs_en")
 LANGUAGES = ("en", "de", "fr", "es", "pt", "zh")
 
@@ -87,9 +89,12 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["tiny.en", "base"])
     args = parser.parse_args()
     systems = [
-        f"{who}-{model}{suffix}"
+        system
         for model in args.models
-        for who, suffix in (("ours", "-none"), ("ours", "-int8"), ("peer", ""))
+        for system in (
+            *(f"ours-{model}-{variant}" for variant in VARIANTS),
+            f"peer-{model}",
+        )
     ]
     out = ["### Word error rate", "", *wer_table(args.results, systems), ""]
     out += ["### Throughput and latency (English dev clips)", ""]
