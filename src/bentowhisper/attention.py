@@ -3,7 +3,7 @@
 PyTorch's CPU SDPA kernel (flash attention) is built for long queries. For a decoder step, one
 query against the 1,500 encoder positions, it is 1.4x (fp32) to 5.6x (bf16) slower than two
 plain matmuls and a softmax, and it runs 12 times a step in base (self- and cross-attention in
-each layer), for every row of the batch (``benchmarks/profile_decode.py``, docs/benchmarks.md).
+each layer), for every row of the batch (``benchmarks/attention_kernels.py``, docs/benchmarks.md).
 The encoder and the prompt's prefill keep SDPA, which is the faster of the two there.
 
 Importing this module registers the name with transformers, so that
