@@ -561,6 +561,23 @@ def test_sliced_decoding_resumes_to_the_same_tokens(base_fp32):
             assert cached[:-1] == [1] * (calls - 1) and cached[-1] == 0
 
 
+def test_a_window_ends_where_the_decoder_context_ends(base):
+    """A maximal prompt and a window resumed up to the last of the decoder's 448 positions:
+    one more token is sampled and the window is done, as openai-whisper stops once the sequence
+    outgrows n_text_ctx (it used to feed position 448 and fail the request)."""
+    vocab = base.vocab
+    mel = log_mel(base.feature_extractor)(load_audio(LONGFORM)[: N_FRAMES * HOP_LENGTH])
+    prompt = vocab.encode(" the printing press" * 100)[-223:]
+    prefix = 1 + len(prompt) + 3  # <|startofprev|>, prompt, <|startoftranscript|> en transcribe
+    resume = vocab.encode(" and so on" * 100)[: 448 - prefix]
+    job = DecodeJob.for_window(mel, prompt=prompt, language="en", resume=resume)
+    (result,) = decode_batch(base, [job])
+    assert result.error is None, result.error
+    assert result.done
+    assert result.tokens[: len(resume)] == resume
+    assert len(result.tokens) <= len(resume) + 1
+
+
 def test_long_audio_in_slices_gives_the_same_transcript(base, longform_run):
     """Served as configured: identical to whole windows in fp32, as accurate in bf16."""
     clip, (whole, info) = longform_run

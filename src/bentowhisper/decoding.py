@@ -185,7 +185,8 @@ def _decode(
         alignments = align_tokens(
             bundle,
             encoded[wanted],
-            [prefixes[i] for i in wanted],
+            # from <|startoftranscript|> on, as openai-whisper aligns: without the prompt
+            [prefixes[i][prefixes[i].index(vocab.sot) :] for i in wanted],
             [[t for t in results[i].tokens if t < vocab.eot] for i in wanted],
             [jobs[i].num_frames for i in wanted],
         )
@@ -292,8 +293,16 @@ def _sample(
     temperatures = torch.tensor([job.temperature for job in jobs], device=device)
     sampled = [list(job.resume) for job in jobs]
     sum_logprobs = [job.resume_logprob for job in jobs]
-    # the last step each row may take in this call: its budget, within SAMPLE_LEN in all
-    last_step = [min(SAMPLE_LEN - len(job.resume), job.max_steps or SAMPLE_LEN) - 1 for job in jobs]
+    # Tokens a window may sample in all: SAMPLE_LEN, and no more than the decoder's context
+    # holds after its prefix (openai-whisper stops once the sequence outgrows n_text_ctx; a
+    # long prompt plus a long window would otherwise run past the position embeddings).
+    n_ctx = model.config.max_target_positions
+    window_limit = [min(SAMPLE_LEN, n_ctx + 1 - len(p)) for p in prefixes]
+    # the last step each row may take in this call: its step budget, within its window's limit
+    last_step = [
+        min(limit - len(job.resume), job.max_steps or limit) - 1
+        for limit, job in zip(window_limit, jobs, strict=True)
+    ]
     done = [True] * batch
     active = rows.clone()  # original index of each row still decoding
     position = positions[:, -1]
@@ -317,7 +326,7 @@ def _sample(
             sampled[index].append(token)
             if step < last_step[index]:
                 unfinished.append(row)
-            elif len(sampled[index]) < SAMPLE_LEN:
+            elif len(sampled[index]) < window_limit[index]:
                 done[index] = False  # budget spent: the caller resumes it
         rules.record(active, chosen)
         if not unfinished:
