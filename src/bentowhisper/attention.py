@@ -1,10 +1,11 @@
 """The ``hybrid`` attention implementation: SDPA, except for one-token decoder steps.
 
-PyTorch's CPU SDPA kernel (flash attention) is built for long queries. For a decoder step, one
-query against the 1,500 encoder positions, it is 1.4x (fp32) to 5.6x (bf16) slower than two
-plain matmuls and a softmax, and it runs 12 times a step in base (self- and cross-attention in
-each layer), for every row of the batch (``benchmarks/attention_kernels.py``, docs/benchmarks.md).
-The encoder and the prompt's prefill keep SDPA, which is the faster of the two there.
+PyTorch's CPU SDPA kernel (flash attention) is built for long queries. For a decoder step in
+bf16, one query against the 1,500 encoder positions, it was 3.5x (one row) to 7x (8 rows)
+slower here than two plain matmuls and a softmax, and a step of base runs it 12 times (self-
+and cross-attention in each layer); in fp32 the two are about even (0.8x to 1.2x).
+``benchmarks/attention_kernels.py`` measures it; docs/benchmarks.md has the figures. The
+encoder and the prompt's prefill keep SDPA, which is as fast or faster there.
 
 Importing this module registers the name with transformers, so that
 ``from_pretrained(attn_implementation="hybrid")`` and the masks it builds know it.
