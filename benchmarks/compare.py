@@ -3,7 +3,8 @@
 For each embedded model (tiny.en, base) it starts each server in turn (ours in each of
 ``VARIANTS``, then the faster-whisper-server peer), runs the accuracy tool over the whole
 eval set and the load tool over the English dev clips at 1, 4 and 16 concurrent clients, stops
-it, and runs faster-whisper in-process over the same English clips. Then, on our default
+it, and runs faster-whisper in-process over the same English clips (int8, the peer's setting,
+and float32, which isolates what int8 changes). Then, on our default
 configuration, the head-of-line probe with a 10-minute file. Every command line it runs is
 printed and stored beside the results (``--out``, default ``docs/results``).
 
@@ -83,8 +84,8 @@ def ours(model: str, variant: str, out: Path, args, log: list[str]) -> None:
         if args.hol and model == "base" and variant == args.hol_variant:
             run(
                 [PY, "benchmarks/hol.py", "--base-url", server.base_url, "--model", "whisper-1",
-                 "--make-long", "600", "--short-requests", "12", "--language", "en",
-                 "--out", str(out / "hol-ours-base.json")],
+                 "--make-long", "600", "--warmup", "16", "--short-requests", "12",
+                 "--language", "en", "--out", str(out / "hol-ours-base.json")],
                 log,
             )  # fmt: skip
     finally:
@@ -137,11 +138,13 @@ def main() -> int:
             ours(model, variant, args.out, args, log)
         if args.peer:
             peer(model, args.out, args, log)
-            run(
-                [str(PEER_PY), "benchmarks/peer/fw_inprocess.py", "--model", model,
-                 "--groups", *ENGLISH_DEV, "--out", str(args.out / f"fw-inprocess-{model}.json")],
-                log,
-            )  # fmt: skip
+            for compute_type, suffix in (("int8", ""), ("float32", "-float32")):
+                run(
+                    [str(PEER_PY), "benchmarks/peer/fw_inprocess.py", "--model", model,
+                     "--compute-type", compute_type, "--groups", *ENGLISH_DEV,
+                     "--out", str(args.out / f"fw-inprocess-{model}{suffix}.json")],
+                    log,
+                )  # fmt: skip
     (args.out / "commands.json").write_text(
         json.dumps(
             {"started": started, "seconds": time.time() - started, "commands": log}, indent=1

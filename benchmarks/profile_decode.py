@@ -5,7 +5,8 @@
    for its single window. Inside ``decode_batch`` the encoder, every decoder forward pass (the
    prefill and one per token), the output projection, openai-whisper's logit rules
    (``_Rules.apply``) and the KV-cache trimming as rows finish are timed by wrapping them; the
-   rest of the loop (sampling, bookkeeping) is what remains.
+   rest of the loop (sampling, bookkeeping) is what remains. The KV cache's growth by a token
+   per step (``kv_append``) is timed too; it lies inside the decoder passes.
 2. A batch: the first ``--batch`` English dev clips decoded one by one, then as one batch, with
    the same breakdown: what cross-request batching saves on this machine, stage by stage.
 3. Threads: the same single-window ``decode_batch`` on another thread than the one that loaded
@@ -35,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers.cache_utils import EncoderDecoderCache
+from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import DEFAULT_MANIFEST, load_manifest, select_clips
@@ -55,6 +56,9 @@ from bentowhisper.transcribe import HOP_LENGTH, WINDOW_SAMPLES, log_mel
 
 ENGLISH_DEV = ["en_ljspeech", "en_librispeech", "en_misc", "fleurs_en"]
 STAGES = ("encoder", "decoder_passes", "proj_out", "rules", "kv_trim")
+# Timed inside a stage above (not added to the sum): the self-attention KV cache growing by
+# one token per layer and step (torch.cat), what the mmap threshold is about.
+NESTED = ("kv_append",)
 
 
 class Stopwatch:
@@ -87,6 +91,7 @@ def timing(bundle: WhisperBundle) -> Iterator[Stopwatch]:
         (model.proj_out, "forward", "proj_out"),
         (decoding._Rules, "apply", "rules"),
         (EncoderDecoderCache, "batch_select_indices", "kv_trim"),
+        (DynamicLayer, "update", "kv_append"),
     ]
     originals = [getattr(owner, attr) for owner, attr, _ in targets]
     for (owner, attr, name), original in zip(targets, originals, strict=True):
@@ -120,6 +125,7 @@ def decode_stages(bundle: WhisperBundle, jobs: list[DecodeJob]) -> dict[str, flo
         "decode_batch": total,
         **stages,
         "loop_rest": total - sum(stages.values()),
+        **{name: watch.seconds[name] for name in NESTED},
         "steps": watch.calls["rules"],
     }
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from compare import VARIANTS
+from evaluate import DEFAULT_MANIFEST, load_manifest, score_clip
 
 ENGLISH_DEV = ("en_ljspeech", "en_librispeech", "en_misc", "fleurs_en")
 LANGUAGES = ("en", "de", "fr", "es", "pt", "zh")
@@ -69,17 +70,24 @@ def load_table(results: Path, systems: list[str]) -> list[str]:
 
 
 def inprocess_table(results: Path, models: list[str]) -> list[str]:
-    lines = ["| faster-whisper in-process | clips | audio s | wall s | audio s per s |"]
-    lines.append("|---|---:|---:|---:|---:|")
+    """faster-whisper in-process: int8 (the peer's setting) and, where run, float32."""
+    lines = [
+        "| faster-whisper in-process | clips | audio s | wall s | audio s per s | English dev WER |"
+    ]
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    manifest = {clip.id: clip for clip in load_manifest(DEFAULT_MANIFEST)}
     for model in models:
-        report = _load(results / f"fw-inprocess-{model}.json")
-        if report is None:
-            continue
-        lines.append(
-            f"| {model} (int8, greedy, 2 threads) | {report['clips_n']} | "
-            f"{report['total_audio_s']:.1f} | {report['total_wall_s']:.1f} | "
-            f"{report['throughput_audio_s_per_wall_s']:.2f} |"
-        )
+        for compute_type, suffix in (("int8", ""), ("float32", "-float32")):
+            report = _load(results / f"fw-inprocess-{model}{suffix}.json")
+            if report is None:
+                continue
+            scored = [score_clip(manifest[row["id"]], row["hypothesis"]) for row in report["clips"]]
+            wer = _rate(sum(s["errors"] for s in scored), sum(s["ref_units"] for s in scored))
+            lines.append(
+                f"| {model} ({compute_type}, greedy, 2 threads) | {report['clips_n']} | "
+                f"{report['total_audio_s']:.1f} | {report['total_wall_s']:.1f} | "
+                f"{report['throughput_audio_s_per_wall_s']:.2f} | {wer} |"
+            )
     return lines
 
 
