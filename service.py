@@ -20,12 +20,7 @@ from bentowhisper.api import Admission, Backend, LineBreakPathNotFound, create_a
 from bentowhisper.bentoml_timeout import patch_timeout_middleware
 from bentowhisper.config import settings
 from bentowhisper.decoding import DecodeJob, DecodeResult, EncoderCache, decode_batch
-from bentowhisper.models import (
-    WhisperBundle,
-    fix_mmap_threshold,
-    load_from_settings,
-    resolve_checkpoint,
-)
+from bentowhisper.models import WhisperBundle, load_from_settings, resolve_checkpoint
 from bentowhisper.transcribe import WINDOW_SAMPLES, log_mel
 from bentowhisper.vocabulary import load_vocabulary
 
@@ -58,7 +53,6 @@ class WhisperModel:
         # other than the one that loaded it, such as BentoML's pool for sync APIs
         # (benchmarks/profile_decode.py, docs/benchmarks.md).
         self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
-        fix_mmap_threshold()  # the KV cache's growth otherwise maps and unmaps memory each step
         self.bundle = self.torch_thread.submit(self._load).result()
         # Encoder outputs of long files' windows between their slices (SETTINGS.slice_tokens).
         self.encoder_cache = EncoderCache(capacity=2 * SETTINGS.max_batch_size)

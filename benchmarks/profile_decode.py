@@ -15,9 +15,7 @@
    model work on the one thread that loaded it (``service.py``).
 
 Medians over ``--repeats`` runs after a warm-up, in ``--dtype`` (default float32) with
-``--attn`` (default sdpa) and glibc's mmap threshold fixed as the model service fixes it
-(``--glibc-mmap adaptive`` leaves glibc's own), torch's thread count unless ``--threads`` says
-otherwise.
+``--attn`` (default sdpa), torch's thread count unless ``--threads`` says otherwise.
 
     .venv/bin/python benchmarks/profile_decode.py --out docs/results/profile-decode.json
 """
@@ -45,19 +43,13 @@ from rtf import CLIPS, DEFAULT_EVAL_DIR, DEFAULT_MODELS_DIR
 from bentowhisper import decoding
 from bentowhisper.audio import decode_audio
 from bentowhisper.decoding import DecodeJob, decode_batch
-from bentowhisper.models import (
-    EMBEDDED,
-    WhisperBundle,
-    ensure_converted,
-    fix_mmap_threshold,
-    load_whisper,
-)
+from bentowhisper.models import EMBEDDED, WhisperBundle, ensure_converted, load_whisper
 from bentowhisper.transcribe import HOP_LENGTH, WINDOW_SAMPLES, log_mel
 
 ENGLISH_DEV = ["en_ljspeech", "en_librispeech", "en_misc", "fleurs_en"]
 STAGES = ("encoder", "decoder_passes", "proj_out", "rules", "kv_trim")
 # Timed inside a stage above (not added to the sum): the self-attention KV cache growing by
-# one token per layer and step (torch.cat), what the mmap threshold is about.
+# one token per layer and step (torch.cat).
 NESTED = ("kv_append",)
 
 
@@ -191,20 +183,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     parser.add_argument("--attn", default="sdpa", help="attention implementation (hybrid, sdpa)")
-    parser.add_argument(
-        "--glibc-mmap",
-        choices=["fixed", "adaptive"],
-        default="fixed",
-        help="fixed: the model service's mmap threshold (fix_mmap_threshold); adaptive: glibc's",
-    )
     parser.add_argument("--eval-dir", type=Path, default=DEFAULT_EVAL_DIR)
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.glibc_mmap == "fixed":
-        fix_mmap_threshold()
     data = (args.eval_dir / CLIPS[args.clip]).read_bytes()
     dev = select_clips(load_manifest(DEFAULT_MANIFEST), groups=ENGLISH_DEV, ids=None)
     batch_audio = [decode_audio(clip.path.read_bytes()) for clip in dev[: args.batch]]
@@ -212,7 +196,6 @@ def main() -> int:
         "clip": args.clip,
         "dtype": args.dtype,
         "attn": args.attn,
-        "glibc_mmap": args.glibc_mmap,
         "threads": torch.get_num_threads(),
         "models": {},
     }

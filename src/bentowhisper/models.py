@@ -13,7 +13,6 @@ A model name is one of:
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import importlib.resources
 import importlib.util
@@ -53,7 +52,6 @@ __all__ = [
     "WhisperBundle",
     "cpu_has_bf16",
     "ensure_converted",
-    "fix_mmap_threshold",
     "load_from_settings",
     "load_whisper",
     "no_speech_token_id",
@@ -63,7 +61,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
 class EmbeddedModelMissing(ModuleNotFoundError):
@@ -247,20 +244,6 @@ def cpu_has_bf16() -> bool:
     import torch
 
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def fix_mmap_threshold(nbytes: int = 32 << 20) -> bool:
-    """Have glibc serve allocations under ``nbytes`` from its heap; False where it cannot.
-
-    The decoder's KV cache grows by one token a step, and glibc's adaptive threshold sends
-    each slightly larger buffer to a fresh mmap that is page-faulted in and unmapped again:
-    that made the cache's torch.cat 4.5x slower in a batch of 8 (docs/benchmarks.md).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc.mallopt(_M_MMAP_THRESHOLD, nbytes) == 1
-    except (OSError, AttributeError):  # not glibc
-        return False
 
 
 @dataclass
