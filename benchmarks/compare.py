@@ -40,6 +40,8 @@ VARIANTS = {
     "fp32": {"BENTOWHISPER_DTYPE": "float32", "BENTOWHISPER_ATTN_IMPLEMENTATION": "sdpa"},
     "int8": {"BENTOWHISPER_QUANTIZATION": "int8"},  # dynamic int8 linear layers (fp32 around)
 }
+# faster-whisper in-process: compute type and result-file suffix (int8 is the peer's setting)
+FW_COMPUTE_TYPES = (("int8", ""), ("float32", "-float32"))
 
 
 def run(command: list[str], log: list[str]) -> None:
@@ -138,7 +140,7 @@ def main() -> int:
             ours(model, variant, args.out, args, log)
         if args.peer:
             peer(model, args.out, args, log)
-            for compute_type, suffix in (("int8", ""), ("float32", "-float32")):
+            for compute_type, suffix in FW_COMPUTE_TYPES:
                 run(
                     [str(PEER_PY), "benchmarks/peer/fw_inprocess.py", "--model", model,
                      "--compute-type", compute_type, "--groups", *ENGLISH_DEV,

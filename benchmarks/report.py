@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from compare import VARIANTS
+from compare import FW_COMPUTE_TYPES, VARIANTS
 from evaluate import DEFAULT_MANIFEST, load_manifest, score_clip
 
 ENGLISH_DEV = ("en_ljspeech", "en_librispeech", "en_misc", "fleurs_en")
@@ -77,7 +77,7 @@ def inprocess_table(results: Path, models: list[str]) -> list[str]:
     lines.append("|---|---:|---:|---:|---:|---:|")
     manifest = {clip.id: clip for clip in load_manifest(DEFAULT_MANIFEST)}
     for model in models:
-        for compute_type, suffix in (("int8", ""), ("float32", "-float32")):
+        for compute_type, suffix in FW_COMPUTE_TYPES:
             report = _load(results / f"fw-inprocess-{model}{suffix}.json")
             if report is None:
                 continue
