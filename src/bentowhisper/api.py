@@ -62,7 +62,6 @@ from .vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 CREATED = 1_700_000_000  # a fixed `created` for /v1/models: the model's age is not a fact we have
-DISCONNECT_POLL_S = 0.5
 # BentoML answers a request still running at ``traffic.timeout`` with a 504 of its own whose
 # body is not OpenAI's envelope; stop decoding this much earlier and answer in the envelope.
 TIMEOUT_MARGIN_S = 1.0
@@ -286,28 +285,38 @@ async def _drain(segments: AsyncIterator[Segment]) -> None:
 async def _until_done_or_disconnected(
     work: Awaitable[None], request: Request, deadline: float
 ) -> None:
-    """Run the transcription, but stop decoding (at the next window) if the client leaves, the
-    deadline (``time.monotonic()``) passes or this handler is cancelled."""
+    """Run the transcription, but stop decoding (before its next model call) as soon as the
+    client leaves, the deadline (``time.monotonic()``) passes or this handler is cancelled.
+
+    The client's leaving is awaited as an event, not polled: a decode call can be shorter than
+    any poll interval, and one started after the client left is wasted model time."""
     task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        while not task.done():
-            remaining = deadline - time.monotonic()
-            await asyncio.wait({task}, timeout=max(min(DISCONNECT_POLL_S, remaining), 0))
-            if task.done():
-                break
-            if await request.is_disconnected():
-                raise ClientClosedRequest("The client closed the connection.")
-            if time.monotonic() >= deadline:
-                raise GatewayTimeout(
-                    "The transcription took longer than the server's request time limit and was"
-                    " stopped; send shorter audio, or retry when the server is less busy."
-                )
-    finally:
+        remaining = deadline - time.monotonic()
+        await asyncio.wait(
+            {task, gone}, timeout=max(remaining, 0), return_when=asyncio.FIRST_COMPLETED
+        )
         if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if gone.done():
+                raise ClientClosedRequest("The client closed the connection.")
+            raise GatewayTimeout(
+                "The transcription took longer than the server's request time limit and was"
+                " stopped; send shorter audio, or retry when the server is less busy."
+            )
+    finally:
+        for pending in (task, gone):
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
     task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone; the body was read, so nothing else comes first."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _count(info: TranscriptionInfo, options: TranscribeOptions) -> None:
