@@ -16,13 +16,15 @@ import bentoml
 import numpy as np
 from transformers import WhisperFeatureExtractor
 
-from bentowhisper.api import Admission, Backend, LineBreakPathNotFound, create_app
-from bentowhisper.bentoml_timeout import patch_timeout_middleware
 from bentowhisper.config import settings
-from bentowhisper.decoding import DecodeJob, DecodeResult, EncoderCache, decode_batch
-from bentowhisper.models import WhisperBundle, load_from_settings, resolve_checkpoint
-from bentowhisper.transcribe import WINDOW_SAMPLES, log_mel
+from bentowhisper.engine.checkpoints import resolve_checkpoint
+from bentowhisper.engine.decoding import EncoderCache, decode_batch
+from bentowhisper.engine.loading import WhisperBundle, load_from_settings
+from bentowhisper.server.app import Admission, Backend, LineBreakPathNotFound, create_app
+from bentowhisper.server.bentoml_patch import patch_timeout_middleware
+from bentowhisper.server.longform import WINDOW_SAMPLES, log_mel
 from bentowhisper.vocabulary import load_vocabulary
+from bentowhisper.wire import DecodeJob, DecodeResult
 
 patch_timeout_middleware()  # else every request stays in memory for traffic.timeout seconds
 SETTINGS = settings()

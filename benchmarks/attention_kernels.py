@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bentowhisper.attention import hybrid_attention_forward
+from bentowhisper.engine.attention import hybrid_attention_forward
 
 SHAPES = {  # name: (rows, query length)
     "decoder step, 1 row": (1, 1),

@@ -40,11 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import DEFAULT_MANIFEST, load_manifest, select_clips
 from rtf import CLIPS, DEFAULT_EVAL_DIR, DEFAULT_MODELS_DIR
 
-from bentowhisper import decoding
-from bentowhisper.audio import decode_audio
-from bentowhisper.decoding import DecodeJob, decode_batch
-from bentowhisper.models import EMBEDDED, WhisperBundle, ensure_converted, load_whisper
-from bentowhisper.transcribe import HOP_LENGTH, WINDOW_SAMPLES, log_mel
+from bentowhisper.engine import decoding
+from bentowhisper.engine.checkpoints import EMBEDDED, ensure_converted
+from bentowhisper.engine.decoding import decode_batch
+from bentowhisper.engine.loading import WhisperBundle, load_whisper
+from bentowhisper.server.audio import decode_audio
+from bentowhisper.server.longform import HOP_LENGTH, WINDOW_SAMPLES, log_mel
+from bentowhisper.wire import DecodeJob
 
 ENGLISH_DEV = ["en_ljspeech", "en_librispeech", "en_misc", "fleurs_en"]
 STAGES = ("encoder", "decoder_passes", "proj_out", "rules", "kv_trim")

@@ -1,7 +1,7 @@
 """Real-time factor of the transcription engine, in-process (no server, no HTTP).
 
 For each embedded model (tiny.en, base) and clip (jfk, 11 s; a 110 s long-form read), it runs
-the engine's own long-form loop (:func:`bentowhisper.transcribe.transcribe_segments` with
+the engine's own long-form loop (:func:`bentowhisper.server.longform.transcribe_segments` with
 ``decode_batch``) once to warm up and then ``--repeats`` times, and reports the median wall time
 and the real-time factor RTF = audio seconds / wall seconds ("x real time"; higher is faster).
 
@@ -36,10 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bentowhisper.audio import SAMPLE_RATE, decode_audio
-from bentowhisper.decoding import DecodeJob, DecodeResult, decode_batch
-from bentowhisper.models import EMBEDDED, WhisperBundle, ensure_converted, load_whisper
-from bentowhisper.transcribe import (
+from bentowhisper.engine.checkpoints import EMBEDDED, ensure_converted
+from bentowhisper.engine.decoding import decode_batch
+from bentowhisper.engine.loading import WhisperBundle, load_whisper
+from bentowhisper.server.audio import SAMPLE_RATE, decode_audio
+from bentowhisper.server.longform import (
     DecodeFn,
     TranscribeOptions,
     TranscriptionInfo,
@@ -47,6 +48,7 @@ from bentowhisper.transcribe import (
     to_transcription,
     transcribe_segments,
 )
+from bentowhisper.wire import DecodeJob, DecodeResult
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # As tests/conftest.py: the shared eval set beside the clone, unless BENTOWHISPER_EVAL_DIR says.

@@ -36,7 +36,7 @@ def converted_models_dir() -> Path:
     ``BENTOWHISPER_MODELS_DIR`` if set, else the repository's git-ignored ``models/``, so the
     conversions (a few seconds each) are cached across test runs.
     """
-    from bentowhisper.models import EMBEDDED, ensure_converted
+    from bentowhisper.engine.checkpoints import EMBEDDED, ensure_converted
 
     models_dir = Path(os.environ.get("BENTOWHISPER_MODELS_DIR") or REPO_ROOT / "models")
     for model in EMBEDDED.values():

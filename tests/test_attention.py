@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from conftest import EVAL_DIR
 
-from bentowhisper.attention import NAME, hybrid_attention_forward
-from bentowhisper.audio import decode_audio
-from bentowhisper.decoding import DecodeJob, decode_batch
-from bentowhisper.models import load_whisper
-from bentowhisper.transcribe import log_mel
+from bentowhisper.engine.attention import NAME, hybrid_attention_forward
+from bentowhisper.engine.decoding import decode_batch
+from bentowhisper.engine.loading import load_whisper
+from bentowhisper.server.audio import decode_audio
+from bentowhisper.server.longform import log_mel
+from bentowhisper.wire import DecodeJob
 
 
 class _Module(torch.nn.Module):

@@ -19,8 +19,8 @@ import numpy as np
 import psutil
 import pytest
 
-from bentowhisper import audio
-from bentowhisper.audio import (
+from bentowhisper.server import audio
+from bentowhisper.server.audio import (
     SAMPLE_RATE,
     SUPPORTED_FORMATS,
     AudioDecodeError,

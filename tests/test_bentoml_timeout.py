@@ -11,7 +11,7 @@ import weakref
 import pytest
 from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
-from bentowhisper.bentoml_timeout import patch_timeout_middleware
+from bentowhisper.server.bentoml_patch import patch_timeout_middleware
 
 # BentoML keeps the current request in a context variable; this stands in for it.
 current_request: contextvars.ContextVar[object] = contextvars.ContextVar("current_request")

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from conftest import EVAL_DIR, REPO_ROOT
 
-from bentowhisper.audio import decode_audio
 from bentowhisper.config import Settings, load_settings
-from bentowhisper.decoding import decode_batch
-from bentowhisper.models import load_from_settings
-from bentowhisper.transcribe import TranscribeOptions, log_mel, transcribe
+from bentowhisper.engine.decoding import decode_batch
+from bentowhisper.engine.loading import load_from_settings
+from bentowhisper.server.audio import decode_audio
+from bentowhisper.server.longform import TranscribeOptions, log_mel, transcribe
 
 
 def test_cpu_profile_is_the_default() -> None:

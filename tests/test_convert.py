@@ -23,18 +23,16 @@ import pytest
 import torch
 from conftest import EVAL_DIR
 
-from bentowhisper import convert, models
-from bentowhisper.convert import ConversionError, convert_ctranslate2, read_ctranslate2
-from bentowhisper.models import (
+from bentowhisper.engine import convert, loading
+from bentowhisper.engine.checkpoints import (
     EMBEDDED,
     EmbeddedModel,
     EmbeddedModelMissing,
-    WhisperBundle,
     ensure_converted,
-    load_whisper,
     resolve_checkpoint,
-    resolve_dtype,
 )
+from bentowhisper.engine.convert import ConversionError, convert_ctranslate2, read_ctranslate2
+from bentowhisper.engine.loading import WhisperBundle, load_whisper, resolve_dtype
 
 JFK = EVAL_DIR / "audio" / "en_misc" / "jfk.flac"
 JFK_TEXT = (
@@ -453,7 +451,7 @@ _RESOLVE = """
 import logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-from bentowhisper.models import resolve_checkpoint
+from bentowhisper.engine.checkpoints import resolve_checkpoint
 print(resolve_checkpoint("tiny.en", Path(sys.argv[1])))
 """
 
@@ -487,7 +485,7 @@ def test_concurrent_first_use_converts_once(tmp_path: Path) -> None:
 def test_resolve_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for has_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(models, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        monkeypatch.setattr(loading, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
         assert resolve_dtype("auto", cpu) == expected
     assert resolve_dtype("auto", cuda) == torch.float16
     assert resolve_dtype("bf16", cpu) == torch.bfloat16
@@ -497,7 +495,7 @@ def test_resolve_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_load_from_settings(converted_models_dir: Path) -> None:
     from bentowhisper.config import Settings
-    from bentowhisper.models import load_from_settings
+    from bentowhisper.engine.loading import load_from_settings
 
     settings = Settings(model="tiny.en", models_dir=str(converted_models_dir), device="cpu")
     bundle = load_from_settings(settings)

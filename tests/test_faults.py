@@ -275,10 +275,11 @@ def test_model_worker_killed_mid_request_is_restarted(tiny_server, long_audio):
 
 
 def test_a_failing_batch_item_does_not_fail_the_others(converted_models_dir):
-    from bentowhisper.audio import decode_audio
-    from bentowhisper.decoding import DecodeJob, decode_batch
-    from bentowhisper.models import load_whisper
-    from bentowhisper.transcribe import WINDOW_SAMPLES, log_mel
+    from bentowhisper.engine.decoding import decode_batch
+    from bentowhisper.engine.loading import load_whisper
+    from bentowhisper.server.audio import decode_audio
+    from bentowhisper.server.longform import WINDOW_SAMPLES, log_mel
+    from bentowhisper.wire import DecodeJob
 
     bundle = load_whisper(str(converted_models_dir / "tiny.en"), device="cpu", dtype="float32")
     features = log_mel(bundle.feature_extractor)
@@ -316,8 +317,8 @@ def test_request_over_the_time_limit_gets_a_504_envelope(converted_models_dir):
     app answers one second before it, in the envelope, and cancels the decoding."""
     from starlette.testclient import TestClient
 
-    from bentowhisper.api import Admission, Backend, create_app
     from bentowhisper.config import Settings
+    from bentowhisper.server.app import Admission, Backend, create_app
     from bentowhisper.vocabulary import load_vocabulary
 
     calls: list[str] = []

@@ -19,7 +19,7 @@ from openai.types.audio import (
     TranscriptionVerbose as SDKTranscriptionVerbose,
 )
 
-from bentowhisper.formats import (
+from bentowhisper.server.formats import (
     JSON_MEDIA_TYPE,
     SSE_MEDIA_TYPE,
     TEXT_MEDIA_TYPE,
@@ -29,7 +29,7 @@ from bentowhisper.formats import (
     sse,
     timestamp,
 )
-from bentowhisper.protocol import (
+from bentowhisper.server.protocol import (
     BadRequest,
     TranscriptionRequest,
     TranscriptTextDelta,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from bentowhisper.api import create_app
+from bentowhisper.server.app import create_app
 
 SCHEMA = schemathesis.openapi.from_dict(create_app().openapi())
 ERROR_KEYS = {"message", "type", "param", "code"}

@@ -9,7 +9,7 @@ import openai
 import pytest
 from starlette.requests import Request
 
-from bentowhisper.protocol import (
+from bentowhisper.server.protocol import (
     LANGUAGES,
     BadRequest,
     InternalError,

@@ -28,11 +28,11 @@ from conftest import EVAL_DIR
 from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from bentowhisper.audio import decode_audio
 from bentowhisper.config import load_settings
-from bentowhisper.decoding import N_FRAMES, DecodeJob, DecodeResult, EncoderCache, decode_batch
-from bentowhisper.models import WhisperBundle, load_whisper
-from bentowhisper.transcribe import (
+from bentowhisper.engine.decoding import EncoderCache, decode_batch
+from bentowhisper.engine.loading import WhisperBundle, load_whisper
+from bentowhisper.server.audio import decode_audio
+from bentowhisper.server.longform import (
     HOP_LENGTH,
     SAMPLE_RATE,
     TranscribeOptions,
@@ -43,6 +43,7 @@ from bentowhisper.transcribe import (
     transcribe_segments,
 )
 from bentowhisper.transcript import Transcription
+from bentowhisper.wire import N_FRAMES, DecodeJob, DecodeResult
 
 JFK = "audio/en_misc/jfk.flac"
 JFK_TEXT = (

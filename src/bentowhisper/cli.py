@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import settings
-from .models import EMBEDDED, resolve_checkpoint
+from .engine.checkpoints import EMBEDDED, resolve_checkpoint
 
 # What a transformers Whisper checkpoint needs at serving time (hub snapshots hold more).
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt", "vocab.json"]

@@ -25,9 +25,21 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..config import Settings
+from ..transcript import Segment
+from ..vocabulary import Vocabulary
 from . import formats
 from .audio import AudioDecodeError, decode_audio
-from .config import Settings
+from .longform import (
+    SAMPLE_RATE,
+    DecodeError,
+    DecodeFn,
+    FeaturesFn,
+    TranscribeOptions,
+    TranscriptionInfo,
+    to_transcription,
+    transcribe_segments,
+)
 from .metrics import metrics
 from .protocol import (
     BadRequest,
@@ -47,18 +59,6 @@ from .protocol import (
     UnsupportedMediaType,
     parse_form,
 )
-from .transcribe import (
-    SAMPLE_RATE,
-    DecodeError,
-    DecodeFn,
-    FeaturesFn,
-    TranscribeOptions,
-    TranscriptionInfo,
-    to_transcription,
-    transcribe_segments,
-)
-from .transcript import Segment
-from .vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 CREATED = 1_700_000_000  # a fixed `created` for /v1/models: the model's age is not a fact we have

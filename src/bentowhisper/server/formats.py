@@ -13,7 +13,8 @@ from typing import assert_never
 
 from pydantic import BaseModel
 
-from bentowhisper.protocol import (
+from ..transcript import Segment, Transcription
+from .protocol import (
     LANGUAGES,
     TranscriptionJSON,
     TranscriptionRequest,
@@ -24,7 +25,6 @@ from bentowhisper.protocol import (
     TranscriptTextDone,
     TranslationRequest,
 )
-from bentowhisper.transcript import Segment, Transcription
 
 JSON_MEDIA_TYPE = "application/json"
 TEXT_MEDIA_TYPE = "text/plain; charset=utf-8"  # text and srt

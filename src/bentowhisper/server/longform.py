@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from transformers import WhisperFeatureExtractor
 
-from .alignment import group_words
+from ..transcript import Segment, Transcription, Word
+from ..vocabulary import Vocabulary
+from ..wire import N_FRAMES, DecodeJob, DecodeResult
 from .audio import SAMPLE_RATE
-from .decoding import N_FRAMES, DecodeJob, DecodeResult
-from .transcript import Segment, Transcription, Word
-from .vocabulary import Vocabulary
+from .words import group_words
 
 HOP_LENGTH = 160  # samples per mel frame
 WINDOW_SAMPLES = N_FRAMES * HOP_LENGTH
