@@ -21,7 +21,6 @@ import httpx
 import jiwer
 import openai
 import pytest
-from conftest import EVAL_DIR, reference
 from openai.types.audio import (
     Transcription,
     TranscriptionTextDeltaEvent,
@@ -29,6 +28,7 @@ from openai.types.audio import (
     TranscriptionVerbose,
     Translation,
 )
+from support import ERROR_KEYS, EVAL_DIR, reference
 from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
@@ -47,7 +47,6 @@ SEGMENT_FIELDS = {
     "compression_ratio",
     "no_speech_prob",
 }
-ERROR_KEYS = {"message", "type", "param", "code"}
 
 english = EnglishTextNormalizer()
 basic = BasicTextNormalizer()
