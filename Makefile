@@ -32,6 +32,9 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install --upgrade pip
 	$(VENV)/bin/python -m pip install "torch==2.13.0" $(TORCH_INDEX)
 	$(VENV)/bin/python -m pip install -e ".[embedded,test]"
+	# resemblyzer only for its speaker-encoder weights: its own requirements (librosa, webrtcvad,
+	# the obsolete `typing` backport) are not needed by our code.
+	$(VENV)/bin/python -m pip install --no-deps "resemblyzer==0.1.4"
 	touch $@
 
 serve: .venv
