@@ -37,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # repository is cloned; BENTOWHISPER_EVAL_DIR points elsewhere when set.
 EVAL_DIR = Path(os.environ.get("BENTOWHISPER_EVAL_DIR") or REPO_ROOT.parent / "shared" / "eval")
 ERROR_KEYS = {"message", "type", "param", "code"}  # OpenAI's error envelope, all four always
-READY_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = 300.0  # both services load under the load of a shared 2-core CI machine
 PROBE_TIMEOUT_S = 2.0  # BentoML's /readyz can hang while the services start: never wait long
 STOP_GRACE_S = 10.0
 
