@@ -225,10 +225,11 @@ class Run:
         self, events: AsyncIterator[TranscriptionEvent], disconnected: Disconnected
     ) -> TranscriptionDone:
         """Run the transcription to its end for a response sent all at once."""
-        async for event in self._guarded(events, disconnected):
-            if isinstance(event, TranscriptionDone):
-                self.done = event
-                return event
+        async with contextlib.aclosing(self._guarded(events, disconnected)) as guarded:
+            async for event in guarded:
+                if isinstance(event, TranscriptionDone):
+                    self.done = event
+                    return event
         raise AssertionError("the transcription ended without TranscriptionDone")
 
     def stream(
@@ -243,10 +244,11 @@ class Run:
         self, events: AsyncIterator[TranscriptionEvent], disconnected: Disconnected
     ) -> AsyncIterator[TranscriptionEvent | OpenAIError]:
         try:
-            async for event in self._guarded(events, disconnected):
-                if isinstance(event, TranscriptionDone):
-                    self.finish(200, event)
-                yield event
+            async with contextlib.aclosing(self._guarded(events, disconnected)) as guarded:
+                async for event in guarded:
+                    if isinstance(event, TranscriptionDone):
+                        self.finish(200, event)
+                    yield event
         except OpenAIError as exc:
             self.finish(exc.status_code)
             yield exc
