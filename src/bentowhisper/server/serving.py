@@ -261,19 +261,17 @@ class Run:
         """The events, stopped (before the next model call) when the client leaves or the
         deadline passes; every failure raised as its :meth:`error`."""
         gone = asyncio.ensure_future(disconnected())
+        step: asyncio.Future[TranscriptionEvent] | None = None
         try:
             while True:
                 step = asyncio.ensure_future(anext(events))
-                try:
-                    remaining = max(self.deadline - time.monotonic(), 0)
-                    await asyncio.wait(
-                        {step, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    if not step.done():
-                        step.cancel()
-                        await asyncio.wait({step})
-                if step.cancelled():
+                remaining = max(self.deadline - time.monotonic(), 0)
+                await asyncio.wait(
+                    {step, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not step.done():
+                    step.cancel()
+                    await asyncio.wait({step})  # its model call is cancelled before we answer
                     if gone.done():
                         raise ClientClosedRequest("The client closed the connection.")
                     raise GatewayTimeout(
@@ -290,7 +288,13 @@ class Run:
                 yield event
         finally:
             gone.cancel()
-            await events.aclose()  # type: ignore[attr-defined]
+            if step is not None and not step.done():
+                # Cancelled from outside (a stream's response, whose client left, is cancelled
+                # by a cancel scope that cancels every later await too): the step stops at its
+                # next await and the generator ends with it; nothing here may await.
+                step.cancel()
+            else:
+                await events.aclose()  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
