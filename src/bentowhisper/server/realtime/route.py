@@ -14,11 +14,12 @@ import hmac
 import json
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ...wire import DecodeJob
@@ -46,14 +47,22 @@ from .vad import SileroStream
 
 log = logging.getLogger(__name__)
 KEY_PROTOCOL = "openai-insecure-api-key."  # browsers cannot set headers on a WebSocket
+PLAYGROUND = Path(__file__).resolve().parents[1] / "static" / "playground.html"
 BETA_HEADER = "realtime=v1"  # OpenAI-Beta: the beta event names and session shape
 # Partial hypotheses sample at most this many tokens (speech runs at ~3-4 tokens a second).
 PARTIAL_TOKENS_BASE, PARTIAL_TOKENS_PER_S = 8, 6
 
 
 def add_realtime_routes(app: FastAPI) -> None:
+    """The WebSocket endpoints, and the playground page that uses them."""
     for prefix in ("", "/v1"):
         app.add_api_websocket_route(f"{prefix}/realtime", realtime_session)
+    app.add_api_route("/playground", playground, methods=["GET"], include_in_schema=False)
+
+
+async def playground() -> FileResponse:
+    """A page to try the service: a file upload, or the microphone over /v1/realtime."""
+    return FileResponse(PLAYGROUND, media_type="text/html")
 
 
 class _Capacity:
@@ -125,8 +134,12 @@ async def _serve(websocket: WebSocket, backend: Any) -> str:
 
     async def send(event: dict[str, Any]) -> None:
         async with lock:  # decodes finish on their own tasks; frames must not interleave
-            if websocket.application_state == WebSocketState.CONNECTED:
+            if websocket.application_state != WebSocketState.CONNECTED:
+                return
+            try:
                 await websocket.send_text(json.dumps(event))
+            except Exception:  # the client has gone; the receive loop ends the session
+                log.debug("realtime send failed", exc_info=True)
 
     async def decode(audio: np.ndarray, config: SessionConfig, partial: bool) -> str:
         if partial:
@@ -181,6 +194,8 @@ async def _serve(websocket: WebSocket, backend: Any) -> str:
                     websocket.receive(), timeout=settings.realtime_idle_timeout_s
                 )
             except TimeoutError:
+                if session.busy:
+                    continue  # waiting for its turns' transcripts is not idling
                 await session.handle_error(
                     EventError(
                         f"No event for {settings.realtime_idle_timeout_s:g} s; closing the"

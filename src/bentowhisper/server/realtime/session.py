@@ -133,6 +133,11 @@ class Session:
         realtime_metrics().errors.labels(exc.code).inc()
         await self.send(error_event(exc))
 
+    @property
+    def busy(self) -> bool:
+        """A decode of this session's audio is running."""
+        return bool(self.finals) or (self.turn is not None and self.turn.partial is not None)
+
     async def close(self) -> None:
         """Stop every decode this session started (the client has gone)."""
         tasks = [*self.finals, *([self.turn.partial] if self.turn and self.turn.partial else [])]
