@@ -8,6 +8,7 @@ variable named ``BENTOWHISPER_`` + the field name in upper case; lists are comma
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -18,6 +19,9 @@ from pathlib import Path
 import yaml
 
 ENV_PREFIX = "BENTOWHISPER_"
+# Variables with the prefix that are not settings: the profile file, the FFmpeg binary
+# (server/audio.py) and the evaluation set of tests and benchmarks.
+OTHER_VARIABLES = {ENV_PREFIX + "CONFIG", ENV_PREFIX + "FFMPEG", ENV_PREFIX + "EVAL_DIR"}
 # configs/ sits beside src/ in the repository, and beside the package inside a Bento (whose
 # build strips the src/ prefix).
 REPO_ROOT = next(
@@ -99,6 +103,19 @@ def load_settings(environ: typing.Mapping[str, str] | None = None) -> Settings:
     unknown = set(values) - set(known)
     if unknown:
         raise ValueError(f"unknown settings in {profile}: {sorted(unknown)}")
+    expected = {ENV_PREFIX + name.upper() for name in known} | OTHER_VARIABLES
+    mistyped = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in expected)
+    if mistyped:
+        # A typo would otherwise leave the default in force without a word.
+        hints = [
+            f"{k} (did you mean {close[0]}?)"
+            if (close := difflib.get_close_matches(k, expected, 1))
+            else k
+            for k in mistyped
+        ]
+        raise ValueError(
+            f"unknown environment variables: {', '.join(hints)}; see README's settings"
+        )
     for name, spec in known.items():
         raw = environ.get(ENV_PREFIX + name.upper())
         if raw is not None:
