@@ -67,6 +67,12 @@ class Settings:
     # Bearer keys; empty means no authentication.
     api_keys: list[str] = field(default_factory=list)
     api_key_file: str = ""
+    # Realtime transcription sessions (WebSocket /v1/realtime).
+    realtime_max_sessions: int = 32  # per API worker; beyond it the handshake gets 429
+    realtime_max_turn_s: float = 30.0  # server VAD cuts a turn here; manual buffers stop here
+    realtime_idle_timeout_s: float = 60.0  # a session with no client event this long is closed
+    realtime_max_message_kb: float = 1024.0  # larger messages get an error event, unapplied
+    realtime_partial_interval_ms: int = 700  # a growing turn is re-decoded at most this often
 
     @property
     def max_upload_bytes(self) -> int:
