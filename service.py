@@ -12,6 +12,13 @@ and declares the services: the model service imports torch (``bentowhisper.engin
 
 from __future__ import annotations
 
+import os
+
+# OpenMP threads that spin while waiting took the CPU from everything else on a busy machine
+# (base's jfk: 37-64 s instead of 5-7 s while another process ran); torch's OpenMP reads this
+# when it loads, so it is set before anything imports torch. A user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
