@@ -65,6 +65,8 @@ class Settings:
     # Bearer keys; empty means no authentication.
     api_keys: list[str] = field(default_factory=list)
     api_key_file: str = ""
+    # BentoML's access line for every internal decode call (one per window and slice).
+    log_decode_requests: bool = False
 
     @property
     def max_upload_bytes(self) -> int:

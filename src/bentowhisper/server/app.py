@@ -30,6 +30,8 @@ from ..transcript import Segment
 from ..vocabulary import Vocabulary
 from . import formats
 from .audio import AudioDecodeError, decode_audio
+from .docs import add_docs
+from .instance import note_audio
 from .longform import (
     SAMPLE_RATE,
     DecodeError,
@@ -122,7 +124,14 @@ class Backend:
 
 def create_app() -> FastAPI:
     """The app; the hosting service sets ``app.state.backend`` once its model is reachable."""
-    app = FastAPI(title="bentowhisper", summary="OpenAI-compatible speech to text")
+    # docs_url/redoc_url off: FastAPI's pages load their assets from a CDN (docs.py serves both)
+    app = FastAPI(
+        title="bentowhisper",
+        summary="OpenAI-compatible speech to text",
+        docs_url=None,
+        redoc_url=None,
+    )
+    add_docs(app)
     app.add_exception_handler(OpenAIError, _openai_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -251,6 +260,7 @@ async def _serve(
         options = _options(params, backend.vocab, backend.settings.slice_tokens)
         audio = await _decode_upload(data, backend.settings)
         info = TranscriptionInfo(duration=len(audio) / SAMPLE_RATE)
+        note_audio(request.scope, info.duration)
         segments = transcribe_segments(
             audio, options, backend.decode, backend.vocab, backend.features, info
         )
