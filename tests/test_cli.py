@@ -17,8 +17,7 @@ from pathlib import Path
 
 import jiwer
 import pytest
-from conftest import EVAL_DIR, REPO_ROOT, reference
-from server import BentoServer, free_port
+from support import EVAL_DIR, REPO_ROOT, BentoServer, free_port, reference
 from whisper_normalizer.english import EnglishTextNormalizer
 
 from bentowhisper.launcher import wait_ready

@@ -85,8 +85,8 @@ def browse(url: str, tmp_path: Path, *action: str) -> tuple[str, list[str]]:
 
 
 def test_swagger_ui_renders_offline(server, tmp_path: Path) -> None:
-    dom, requested = browse(server.url + "/", tmp_path, "--dump-dom")
-    # "/" led to Swagger UI, which rendered the operations from /openapi.json.
+    dom, requested = browse(server.url + "/docs", tmp_path, "--dump-dom")
+    # Swagger UI rendered the operations from /openapi.json.
     assert "<title>bentowhisper API</title>" in dom
     assert set(re.findall(r'data-path="([^"]+)"', dom)) >= OPERATIONS, dom[-3000:]
     assert all(url.startswith(server.url + "/") for url in requested), requested
@@ -107,10 +107,11 @@ def test_redoc_renders_offline(server, tmp_path: Path) -> None:
     assert server.url + "/docs/assets/redoc.standalone.js" in requested
 
 
-def test_home_leads_to_the_docs_and_no_page_links_elsewhere(server) -> None:
+def test_home_leads_to_the_playground_and_no_page_links_elsewhere(server) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as client:
         home = client.get("/")
-        assert home.status_code == 307 and home.headers["location"] == "/docs"
+        assert home.status_code == 307 and home.headers["location"] == "/playground"
+        assert "googletagmanager" not in client.get("/", follow_redirects=True).text
         for page in ("/docs", "/redoc"):
             html = client.get(page).text
             linked = re.findall(r'(?:src|href)="([^"]*)"', html)

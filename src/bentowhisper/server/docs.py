@@ -4,7 +4,7 @@ FastAPI's stock ``/docs`` and ``/redoc`` load Swagger UI and ReDoc from a CDN (a
 without the internet), and BentoML answers ``/`` with its own page, which embeds a Google Tag
 Manager snippet. Here ``/docs`` (Swagger UI) and ``/redoc`` are served with the assets that the
 ``fastapi-offline`` package ships, from ``/docs/assets``, and :class:`HomeRedirect` sends ``/``
-to the docs.
+to a page of ours (the playground).
 """
 
 from __future__ import annotations
