@@ -51,7 +51,7 @@ constraints:
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 serve: .venv
-	BENTOML_DO_NOT_TRACK=true $(VENV)/bin/bentoml serve service:BentoWhisper --port $(PORT)
+	$(VENV)/bin/bentowhisper serve --port $(PORT)
 
 test: .venv
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -20,6 +20,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import asyncio
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -31,8 +32,17 @@ from bentowhisper.config import settings
 from bentowhisper.engine.checkpoints import await_converted
 from bentowhisper.server.app import create_app
 from bentowhisper.server.bentoml_patch import patch_timeout_middleware
+from bentowhisper.server.docs import HomeRedirect
 from bentowhisper.server.features import LogMel
+from bentowhisper.server.instance import RequestLog, configure_logging, own_metrics_dir
 from bentowhisper.server.middleware import LineBreakPathNotFound
+from bentowhisper.server.readiness import (
+    WATCHER,
+    ReadyProbe,
+    answer_while_starting,
+    listening_url,
+    started_marker,
+)
 from bentowhisper.server.serving import Admission, Backend, ModelUnavailable
 from bentowhisper.vocabulary import load_vocabulary
 from bentowhisper.wire import DecodeJob, DecodeResult
@@ -41,6 +51,10 @@ if TYPE_CHECKING:
     from bentowhisper.engine.decoding import EncoderCache
     from bentowhisper.engine.loading import WhisperBundle
 
+own_metrics_dir()  # else two servers on one machine share (and wipe) each other's counters
+configure_logging()
+if "--fd" not in sys.argv:  # the `bentoml serve` process; its workers get their socket as --fd
+    answer_while_starting()
 SETTINGS = settings()
 ON_GPU = SETTINGS.device.startswith("cuda")
 DECODE_CALL_TIMEOUT_S = 2 * SETTINGS.max_latency_ms / 1000
@@ -55,6 +69,8 @@ STORED = bentoml.models.BentoModel(SETTINGS.bento_model) if SETTINGS.bento_model
     workers=1,  # one batch dispatcher per model replica; scale with replicas, not workers
     resources={"gpu": 1} if ON_GPU else {"cpu": "1"},
     traffic={"timeout": SETTINGS.request_timeout_s},
+    # One access line per decode call (every window of every request) is noise by default.
+    logging={"access": {"enabled": SETTINGS.log_decode_requests}},
 )
 class WhisperModel:
     stored = STORED
@@ -98,6 +114,12 @@ class WhisperModel:
             self.torch_thread, decode_batch, self.bundle, jobs, self.encoder_cache
         )
 
+    @bentoml.api
+    async def info(self) -> dict[str, str]:
+        """What is loaded; answered only once __init__ (load and warm-up) is done."""
+        bundle = self.bundle
+        return {"model": bundle.name, "device": str(bundle.device), "dtype": str(bundle.dtype)}
+
 
 app = create_app()  # routes only; the backend is set in the service's __init__
 
@@ -106,6 +128,8 @@ app = create_app()  # routes only; the backend is set in the service's __init__
     name="bentowhisper",
     workers=SETTINGS.api_workers,
     traffic={"timeout": SETTINGS.request_timeout_s},
+    # The app logs each request once itself, with its audio seconds (RequestLog).
+    logging={"access": {"enabled": False}},
 )
 @bentoml.asgi_app(app, path="/")
 class BentoWhisper:
@@ -129,6 +153,16 @@ class BentoWhisper:
             decode=self.decode_windows,
             admission=Admission(SETTINGS.max_concurrent_requests),
         )
+
+    @bentoml.on_startup
+    async def watch_readiness(self) -> None:
+        # The client connects lazily: its methods exist only once called through it.
+        WATCHER.start(lambda: self.model.to_async.info(), listening_url())
+        started_marker().touch()  # this worker serves now: the arbiter stops answering for it
+
+    @bentoml.on_shutdown
+    async def stop_watching(self) -> None:
+        await WATCHER.stop()
 
     async def decode_windows(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
         # A window waits at most max_latency_ms in the batcher before it is shed (503), so a
@@ -155,3 +189,7 @@ class BentoWhisper:
 
 # Paths BentoML's own router cannot hand to the app still get OpenAI's 404 envelope.
 BentoWhisper.add_asgi_middleware(LineBreakPathNotFound)
+BentoWhisper.add_asgi_middleware(ReadyProbe)  # answers at once, never waits on the model
+# "/" to the playground page (it links nowhere else), not BentoML's stock page
+BentoWhisper.add_asgi_middleware(HomeRedirect, home="/playground")
+BentoWhisper.add_asgi_middleware(RequestLog)  # one line per request (BentoML's access log is off)

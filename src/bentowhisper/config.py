@@ -67,6 +67,8 @@ class Settings:
     # Bearer keys; empty means no authentication.
     api_keys: list[str] = field(default_factory=list)
     api_key_file: str = ""
+    # BentoML's access line for every internal decode call (one per window and slice).
+    log_decode_requests: bool = False
     # Realtime transcription sessions (WebSocket /v1/realtime).
     realtime_max_sessions: int = 32  # per API worker; beyond it the handshake gets 429
     realtime_max_turn_s: float = 30.0  # server VAD cuts a turn here; manual buffers stop here

@@ -19,6 +19,9 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from . import formats, serving
+from .audio import SAMPLE_RATE
+from .docs import add_docs
+from .instance import note_audio
 from .longform import SegmentDecoded, TranscriptionDone, TranscriptionEvent
 from .middleware import BodyLimit, authorize, error_response
 from .protocol import (
@@ -45,7 +48,14 @@ _ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 def create_app() -> FastAPI:
     """The app; the hosting service sets ``app.state.backend`` once its model is reachable."""
-    app = FastAPI(title="bentowhisper", summary="OpenAI-compatible speech to text")
+    # docs_url/redoc_url off: FastAPI's pages load their assets from a CDN (docs.py serves both)
+    app = FastAPI(
+        title="bentowhisper",
+        summary="OpenAI-compatible speech to text",
+        docs_url=None,
+        redoc_url=None,
+    )
+    add_docs(app)
     app.add_exception_handler(OpenAIError, _openai_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -150,6 +160,7 @@ async def _transcribe(request: Request, *, translation: bool) -> Response:
         run.response_format = params.response_format
         options = serving.request_options(params, backend)
         audio = await serving.decode_upload(data, backend.settings)
+        note_audio(request.scope, len(audio) / SAMPLE_RATE)
         events = backend.events(audio, options)
 
         async def disconnected() -> None:
