@@ -164,9 +164,12 @@ def _encoder() -> SpeakerEncoder:
     return Encoder()
 
 
-def diarize_in_process(audio: np.ndarray, max_speakers: int = 8) -> list[tuple[float, float, str]]:
-    """Hypothesis turns of ``audio`` from the server's diarization code and the encoder."""
-    from bentowhisper.server.diarize import diarize, speaker_names
+def diarize_in_process(
+    audio: np.ndarray, max_speakers: int = 8, known: dict[str, np.ndarray] | None = None
+) -> list[tuple[float, float, str]]:
+    """Hypothesis turns of ``audio`` from the server's diarization code and the encoder;
+    ``known``: reference samples by name, which label the speakers they match."""
+    from bentowhisper.server.diarize import diarize, reference_job, speaker_labels
 
     encoder = _encoder()
 
@@ -174,8 +177,10 @@ def diarize_in_process(audio: np.ndarray, max_speakers: int = 8) -> list[tuple[f
         return encoder.embed(jobs)
 
     result = asyncio.run(diarize(audio, speech_regions(audio), embed, max_speakers))
-    names = speaker_names(result.n_speakers)
-    return [(t.start, t.end, names[t.speaker]) for t in result.turns]
+    known = known or {}
+    refs = [r.array().mean(0) for r in encoder.embed([reference_job(a) for a in known.values()])]
+    labels = speaker_labels(result.centroids, np.array(refs).reshape(-1, 256), list(known))
+    return [(t.start, t.end, labels[t.speaker]) for t in result.turns]
 
 
 def evaluate(count: int = 10, first_seed: int = 0) -> dict:

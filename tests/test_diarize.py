@@ -176,3 +176,152 @@ def test_ami_meeting_against_its_rttm() -> None:
     # Measured 15.3 %: 3 of 4 speakers (the fourth says "Mm. Yeah.", 1.2 s), overlap missed.
     assert len({s for *_, s in hyp}) in (3, 4)
     assert score["der"] <= 0.2, score
+
+
+# --- known speakers, the request fields and the response shape ------------------------------------
+
+
+def _form(*items: tuple[str, str]) -> list[tuple[str, str]]:
+    return [("model", "whisper-1"), ("response_format", "diarized_json"), *items]
+
+
+URL = "data:audio/wav;base64,UklGRg=="
+
+
+@pytest.mark.parametrize(
+    ("items", "param"),
+    [
+        ([("known_speaker_references[]", URL)], "known_speaker_names"),  # references, no names
+        ([("known_speaker_names[]", "ann")], "known_speaker_names"),  # names, no references
+        (
+            [
+                ("known_speaker_names[]", "ann"),
+                ("known_speaker_names[]", "bo"),
+                ("known_speaker_references[]", URL),
+            ],
+            "known_speaker_names",
+        ),
+        (
+            [("known_speaker_names[]", "ann"), ("known_speaker_references[]", "https://x/a.wav")],
+            "known_speaker_references",
+        ),
+        (
+            [("known_speaker_names[]", str(i)) for i in range(5)]
+            + [("known_speaker_references[]", URL)] * 5,
+            "known_speaker_references",
+        ),
+    ],
+)
+def test_known_speaker_fields_rejected_as_openai_does(items, param) -> None:
+    from bentowhisper.server.protocol import BadRequest, parse_form
+
+    with pytest.raises(BadRequest) as caught:
+        parse_form(_form(*items))
+    assert caught.value.param == param
+    assert caught.value.to_dict()["error"]["type"] == "invalid_request_error"
+
+
+def test_known_speaker_fields_parsed() -> None:
+    from bentowhisper.server.protocol import BadRequest, parse_form
+
+    request = parse_form(
+        _form(
+            ("known_speaker_names[]", "ann"),
+            ("known_speaker_names[]", "bo"),
+            ("known_speaker_references[]", URL),
+            ("known_speaker_references[]", URL),
+        )
+    )
+    assert request.diarize and request.known_speaker_names == ["ann", "bo"]
+    assert request.known_speaker_references == [URL, URL]  # not split at the data URL's comma
+    with pytest.raises(BadRequest) as caught:  # translations don't diarize
+        parse_form(_form(), translation=True)
+    assert caught.value.param == "response_format"
+
+
+def _data_url(samples: np.ndarray) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    mixtures.write_wav(buffer, samples)
+    return "data:audio/wav;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_reference_audio_length_and_content_checked() -> None:
+    from bentowhisper.server.protocol import BadRequest
+
+    tone = np.sin(np.arange(16000 * 3) / 16000 * 2 * np.pi * 220).astype(np.float32) * 0.3
+    assert len(dz.reference_audio(_data_url(tone))) == 16000 * 3
+    for bad in (_data_url(tone[:16000]), _data_url(np.tile(tone, 4)), URL):  # 1 s, 12 s, junk
+        with pytest.raises(BadRequest) as caught:
+            dz.reference_audio(bad)
+        assert caught.value.param == "known_speaker_references"
+
+
+def test_speaker_labels() -> None:
+    x, _ = _blobs([1, 1, 1])
+    centroids = x / np.linalg.norm(x, axis=1, keepdims=True)
+    # References of speakers 2 and 0 (in that order); speaker 1 is nobody known.
+    assert dz.speaker_labels(centroids, centroids[[2, 0]], ["zoe", "A"]) == ["A", "B", "zoe"]
+    assert dz.speaker_labels(centroids, centroids[:0], []) == ["A", "B", "C"]
+    # A reference like none of the speakers names nobody.
+    other = _blobs([1], seed=7)[0]
+    assert dz.speaker_labels(centroids, other, ["zoe"]) == ["A", "B", "C"]
+
+
+def test_diarized_json_shape_parses_in_the_sdk() -> None:
+    from openai.types.audio import TranscriptionDiarized
+
+    from bentowhisper.server.formats import render
+    from bentowhisper.server.protocol import parse_form
+    from bentowhisper.transcript import Transcription
+
+    seg = _segment([(" Hi", 0.1, 0.5), (" there.", 0.6, 1.9), (" Hello!", 2.1, 2.6)])
+    result = Transcription(seg.text, [seg], "en", 3.2)
+    speakers = dz.split_segments([seg], [dz.Turn(0, 2, 0), dz.Turn(2, 3.2, 1)], ["ann", "B"])
+    body, media_type = render(result, parse_form(_form()), speakers)
+    assert media_type == "application/json"
+    assert body == {
+        "task": "transcribe",
+        "duration": 3.2,
+        "text": " Hi there. Hello!",
+        "segments": [
+            {
+                "type": "transcript.text.segment",
+                "id": "seg_0",
+                "start": 0.1,
+                "end": 1.9,
+                "text": "Hi there.",
+                "speaker": "ann",
+            },
+            {
+                "type": "transcript.text.segment",
+                "id": "seg_1",
+                "start": 2.1,
+                "end": 2.6,
+                "text": "Hello!",
+                "speaker": "B",
+            },
+        ],
+        "usage": {"type": "duration", "seconds": 4},
+    }
+    assert TranscriptionDiarized.model_validate(body).segments[1].speaker == "B"
+
+
+def test_known_speakers_named_in_a_mixture() -> None:
+    # References: the first 4 s of each speaker's material (their first clip), through the
+    # same data-URL path a request takes; the mixture is a held-out one of 3 speakers.
+    mix = mixtures.mixtures(count=1, first_seed=12)[1]
+    material = mixtures.material()
+    known = {
+        f"spk-{s}": dz.reference_audio(_data_url(material[s][: 4 * 16000])) for s in mix.speakers
+    }
+    hyp = der.diarize_in_process(mix.audio, known=known)
+    right = total = 0.0
+    for start, end, speaker in mix.turns:
+        for h_start, h_end, label in hyp:
+            overlap = max(0.0, min(end, h_end) - max(start, h_start))
+            total += overlap
+            right += overlap * (label == f"spk-{speaker}")
+    assert len(mix.speakers) == 3 and right / total >= 0.9, (right / total, hyp)
