@@ -325,3 +325,13 @@ def test_known_speakers_named_in_a_mixture() -> None:
             total += overlap
             right += overlap * (label == f"spk-{speaker}")
     assert len(mix.speakers) == 3 and right / total >= 0.9, (right / total, hyp)
+
+
+def test_diarized_json_without_speakers_is_a_400() -> None:
+    from bentowhisper.server.formats import render
+    from bentowhisper.server.protocol import BadRequest, parse_form
+    from bentowhisper.transcript import Transcription
+
+    with pytest.raises(BadRequest) as caught:
+        render(Transcription("", [], "en", 1.0), parse_form(_form()))
+    assert caught.value.param == "response_format"
