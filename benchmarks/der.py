@@ -139,24 +139,6 @@ def cpwer(ref: dict[str, str], hyp: dict[str, str]) -> float:
 # --- the in-process evaluation ------------------------------------------------------------------
 
 
-def speech_regions(audio: np.ndarray) -> list[tuple[float, float]]:
-    """Silero VAD's speech regions (seconds), the benchmark's stand-in for the server's VAD."""
-    import torch
-    from silero_vad import get_speech_timestamps
-
-    stamps = get_speech_timestamps(
-        torch.from_numpy(audio), _vad(), sampling_rate=16000, return_seconds=True
-    )
-    return [(float(s["start"]), float(s["end"])) for s in stamps]
-
-
-@functools.cache
-def _vad() -> object:  # one model per process
-    from silero_vad import load_silero_vad
-
-    return load_silero_vad()
-
-
 @functools.cache
 def _encoder() -> SpeakerEncoder:
     from bentowhisper.engine.speakers import SpeakerEncoder as Encoder
@@ -169,7 +151,12 @@ def diarize_in_process(
 ) -> list[tuple[float, float, str]]:
     """Hypothesis turns of ``audio`` from the server's diarization code and the encoder;
     ``known``: reference samples by name, which label the speakers they match."""
-    from bentowhisper.server.diarize import diarize, reference_job, speaker_labels
+    from bentowhisper.server.diarize import (
+        diarize,
+        reference_job,
+        speaker_labels,
+        speech_regions,
+    )
 
     encoder = _encoder()
 
@@ -203,6 +190,8 @@ def evaluate(count: int = 10, first_seed: int = 0) -> dict:
     ami_path = mixtures.EVAL_DIR / "audio/multi_speaker/ami_ES2004a_750-810"
     ami_hyp = diarize_in_process(mixtures.load(ami_path.with_suffix(".wav")))
     ami_ref = read_rttm(ami_path.with_suffix(".rttm"))
+    from bentowhisper.server.diarize import speech_regions
+
     left, right = mixtures.stereo_channels()
     stereo_ref = [(s, e, "left") for s, e in speech_regions(left)]
     stereo_ref += [(s, e, "right") for s, e in speech_regions(right)]

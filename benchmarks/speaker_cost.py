@@ -19,7 +19,7 @@ import time
 import numpy as np
 import rtf
 import torch
-from der import _encoder, speech_regions
+from der import _encoder
 from mixtures import EVAL_DIR, load
 
 from bentowhisper.engine.checkpoints import EMBEDDED, ensure_converted
@@ -53,7 +53,7 @@ def main() -> None:
     def stages() -> dict[str, float]:
         times = {}
         started = time.perf_counter()
-        regions = speech_regions(audio)
+        regions = dz.speech_regions(audio)
         times["vad_s"] = time.perf_counter() - started
         windows = dz.embed_jobs(audio, regions)
         started = time.perf_counter()

@@ -11,6 +11,7 @@ and segments are split where the speaker changes (:func:`split_segments`).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import itertools
@@ -21,9 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..transcript import Segment, Word
-from ..wire import SPEAKER_WINDOW, EmbedJob, EmbedResult
+from ..wire import SPEAKER_DIM, SPEAKER_WINDOW, EmbedJob, EmbedResult
 from .audio import AudioDecodeError, decode_audio
 from .protocol import BadRequest
+from .vad import VadParams, detect_speech
 
 SAMPLE_RATE = 16000
 WINDOW_S = SPEAKER_WINDOW / SAMPLE_RATE  # 1.6 s
@@ -84,6 +86,17 @@ def window_starts(length: int) -> list[int]:
     if starts[-1] + SPEAKER_WINDOW < length:
         starts.append(length - SPEAKER_WINDOW)
     return starts
+
+
+# The server's VAD (Silero via onnxruntime) with little padding: padding would be non-speech
+# given to a speaker (false alarm), and the windows need only the speech.
+VAD_PARAMS = VadParams(threshold=0.5, prefix_padding_ms=30, silence_duration_ms=200)
+
+
+def speech_regions(samples: np.ndarray) -> list[tuple[float, float]]:
+    """Speech regions (seconds) of 16 kHz ``samples`` (CPU bound: call it from a thread)."""
+    found = detect_speech(samples, VAD_PARAMS)
+    return [(start / SAMPLE_RATE, end / SAMPLE_RATE) for start, end in found.regions]
 
 
 def embed_jobs(samples: np.ndarray, regions: Sequence[tuple[float, float]]) -> Windows:
@@ -217,14 +230,21 @@ async def diarize(
 ) -> Diarization:
     """Speaker turns of ``samples`` (16 kHz) over its speech ``regions`` (seconds)."""
     windows = embed_jobs(samples, regions)
-    if not windows.jobs:
-        return Diarization([], 0, np.zeros((0, 256)))
-    results = await embed(windows.jobs)
+    results = await embed(windows.jobs) if windows.jobs else []
+    _raise_for_errors(results)
+    return _diarization(windows, [r.array() for r in results], max_speakers)
+
+
+def _raise_for_errors(results: list[EmbedResult]) -> None:
     for result in results:
         if result.error:
             raise RuntimeError(f"speaker embedding failed: {result.error}")
-    embeddings = np.concatenate([r.array() for r in results])
-    labels, centroids = cluster(embeddings, max_speakers)
+
+
+def _diarization(windows: Windows, embeddings: list[np.ndarray], max_speakers: int) -> Diarization:
+    if not embeddings:
+        return Diarization([], 0, np.zeros((0, SPEAKER_DIM)))
+    labels, centroids = cluster(np.concatenate(embeddings), max_speakers)
     # Number speakers by first appearance, so "A" is whoever speaks first.
     first = _first_seen(windows.centers, labels)
     labels = np.argsort(first)[labels]
@@ -382,3 +402,27 @@ def speaker_labels(
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarities between the rows of ``a`` and of ``b``."""
     return _normalize(np.atleast_2d(a)) @ _normalize(np.atleast_2d(b)).T
+
+
+async def speaker_segments(
+    samples: np.ndarray,
+    segments: Sequence[Segment],
+    embed: EmbedFn,
+    *,
+    max_speakers: int,
+    known: dict[str, np.ndarray] | None = None,
+) -> list[SpeakerSegment]:
+    """A transcription's segments (with word timestamps) split and labelled by speaker: what a
+    route runs for ``diarized_json`` once Whisper is done. ``known``: reference samples by name
+    (:func:`reference_audio`), embedded in the same call as the windows."""
+    known = known or {}
+    regions = await asyncio.to_thread(speech_regions, samples)
+    windows = embed_jobs(samples, regions)
+    references = [reference_job(audio) for audio in known.values()]
+    results = await embed(windows.jobs + references) if windows.jobs or references else []
+    _raise_for_errors(results)
+    embeddings = [r.array() for r in results[: len(windows.jobs)]]
+    ref_vectors = np.array([r.array().mean(0) for r in results[len(windows.jobs) :]])
+    result = _diarization(windows, embeddings, max_speakers)
+    names = speaker_labels(result.centroids, ref_vectors.reshape(-1, SPEAKER_DIM), list(known))
+    return split_segments(segments, result.turns, names)
