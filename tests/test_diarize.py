@@ -132,18 +132,20 @@ def test_split_segments_at_speaker_changes() -> None:
     seg = _segment(
         [(" Hi", 0.1, 0.5), (" there.", 0.6, 1.9), (" Hello", 2.1, 2.6), ("!", 2.6, 2.7)]
     )
-    out = dz.split_segments([seg], found)
+    out = dz.split_segments([seg], found, ["A", "B"])
     assert [(s.text, s.speaker, s.start, s.end) for s in out] == [
-        (" Hi there.", 0, 0.1, 1.9),
-        (" Hello!", 1, 2.1, 2.7),
+        (" Hi there.", "A", 0.1, 1.9),
+        (" Hello!", "B", 2.1, 2.7),
     ]
     assert [s.id for s in out] == [0, 1]
     # A word in a gap takes the nearest turn; a segment without words keeps its span.
     assert dz.speaker_of(4.5, 4.8, found) == 1
     bare = Segment(0, 0, 0.2, 1.5, " Hi.", [], 0, 0, 1, 0)
-    assert [(s.speaker, s.start, s.end) for s in dz.split_segments([bare], found)] == [
-        (0, 0.2, 1.5)
+    assert [(s.speaker, s.start, s.end) for s in dz.split_segments([bare], found, ["A", "B"])] == [
+        ("A", 0.2, 1.5)
     ]
+    # No speech found at all: everything is the first speaker.
+    assert dz.split_segments([bare], [], [])[0].speaker == "A"
 
 
 def test_speaker_names_and_word_regions() -> None:
