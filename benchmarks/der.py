@@ -139,24 +139,6 @@ def cpwer(ref: dict[str, str], hyp: dict[str, str]) -> float:
 # --- the in-process evaluation ------------------------------------------------------------------
 
 
-def speech_regions(audio: np.ndarray) -> list[tuple[float, float]]:
-    """Silero VAD's speech regions (seconds), the benchmark's stand-in for the server's VAD."""
-    import torch
-    from silero_vad import get_speech_timestamps
-
-    stamps = get_speech_timestamps(
-        torch.from_numpy(audio), _vad(), sampling_rate=16000, return_seconds=True
-    )
-    return [(float(s["start"]), float(s["end"])) for s in stamps]
-
-
-@functools.cache
-def _vad() -> object:  # one model per process
-    from silero_vad import load_silero_vad
-
-    return load_silero_vad()
-
-
 @functools.cache
 def _encoder() -> SpeakerEncoder:
     from bentowhisper.engine.speakers import SpeakerEncoder as Encoder
@@ -164,9 +146,17 @@ def _encoder() -> SpeakerEncoder:
     return Encoder()
 
 
-def diarize_in_process(audio: np.ndarray, max_speakers: int = 8) -> list[tuple[float, float, str]]:
-    """Hypothesis turns of ``audio`` from the server's diarization code and the encoder."""
-    from bentowhisper.server.diarize import diarize, speaker_names
+def diarize_in_process(
+    audio: np.ndarray, max_speakers: int = 8, known: dict[str, np.ndarray] | None = None
+) -> list[tuple[float, float, str]]:
+    """Hypothesis turns of ``audio`` from the server's diarization code and the encoder;
+    ``known``: reference samples by name, which label the speakers they match."""
+    from bentowhisper.server.diarize import (
+        diarize,
+        reference_job,
+        speaker_labels,
+        speech_regions,
+    )
 
     encoder = _encoder()
 
@@ -174,8 +164,10 @@ def diarize_in_process(audio: np.ndarray, max_speakers: int = 8) -> list[tuple[f
         return encoder.embed(jobs)
 
     result = asyncio.run(diarize(audio, speech_regions(audio), embed, max_speakers))
-    names = speaker_names(result.n_speakers)
-    return [(t.start, t.end, names[t.speaker]) for t in result.turns]
+    known = known or {}
+    refs = [r.array().mean(0) for r in encoder.embed([reference_job(a) for a in known.values()])]
+    labels = speaker_labels(result.centroids, np.array(refs).reshape(-1, 256), list(known))
+    return [(t.start, t.end, labels[t.speaker]) for t in result.turns]
 
 
 def evaluate(count: int = 10, first_seed: int = 0) -> dict:
@@ -198,6 +190,8 @@ def evaluate(count: int = 10, first_seed: int = 0) -> dict:
     ami_path = mixtures.EVAL_DIR / "audio/multi_speaker/ami_ES2004a_750-810"
     ami_hyp = diarize_in_process(mixtures.load(ami_path.with_suffix(".wav")))
     ami_ref = read_rttm(ami_path.with_suffix(".rttm"))
+    from bentowhisper.server.diarize import speech_regions
+
     left, right = mixtures.stereo_channels()
     stereo_ref = [(s, e, "left") for s, e in speech_regions(left)]
     stereo_ref += [(s, e, "right") for s, e in speech_regions(right)]

@@ -19,6 +19,7 @@ import sys
 import wave
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -186,8 +187,8 @@ def write_rttm(path: Path, name: str, turns: list[tuple[float, float, str]]) -> 
             )
 
 
-def write_wav(path: Path, audio: np.ndarray) -> None:
-    with wave.open(str(path), "wb") as w:
+def write_wav(path: Path | BinaryIO, audio: np.ndarray) -> None:
+    with wave.open(path if not isinstance(path, Path) else str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(SAMPLE_RATE)

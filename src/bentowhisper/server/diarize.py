@@ -11,6 +11,9 @@ and segments are split where the speaker changes (:func:`split_segments`).
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import itertools
 import string
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,7 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..transcript import Segment, Word
-from ..wire import SPEAKER_WINDOW, EmbedJob, EmbedResult
+from ..wire import SPEAKER_DIM, SPEAKER_WINDOW, EmbedJob, EmbedResult
+from .audio import AudioDecodeError, decode_audio
+from .protocol import BadRequest
+from .vad import VadParams, detect_speech
 
 SAMPLE_RATE = 16000
 WINDOW_S = SPEAKER_WINDOW / SAMPLE_RATE  # 1.6 s
@@ -36,6 +42,12 @@ MAX_CLUSTER_WINDOWS = 2000  # beyond this, cluster a subsample and assign the re
 # one speaker's odd windows (a laugh, a window across a change) are not another speaker.
 MIN_SPEAKER_SHARE = 0.05
 MIN_SPEAKER_WINDOWS = 4
+
+# A known speaker's reference sample (OpenAI's limits) and how alike a found speaker must be to
+# take its name: one speaker's multi-second embeddings sit at 0.96-0.97, different speakers' at
+# most 0.66 on the dev clips (tests/test_speakers.py).
+REFERENCE_MIN_S, REFERENCE_MAX_S = 2.0, 10.0
+KNOWN_SPEAKER_MIN = 0.75
 
 EmbedFn = Callable[[list[EmbedJob]], Awaitable[list[EmbedResult]]]
 
@@ -74,6 +86,17 @@ def window_starts(length: int) -> list[int]:
     if starts[-1] + SPEAKER_WINDOW < length:
         starts.append(length - SPEAKER_WINDOW)
     return starts
+
+
+# The server's VAD (Silero via onnxruntime) with little padding: padding would be non-speech
+# given to a speaker (false alarm), and the windows need only the speech.
+VAD_PARAMS = VadParams(threshold=0.5, prefix_padding_ms=30, silence_duration_ms=200)
+
+
+def speech_regions(samples: np.ndarray) -> list[tuple[float, float]]:
+    """Speech regions (seconds) of 16 kHz ``samples`` (CPU bound: call it from a thread)."""
+    found = detect_speech(samples, VAD_PARAMS)
+    return [(start / SAMPLE_RATE, end / SAMPLE_RATE) for start, end in found.regions]
 
 
 def embed_jobs(samples: np.ndarray, regions: Sequence[tuple[float, float]]) -> Windows:
@@ -207,14 +230,21 @@ async def diarize(
 ) -> Diarization:
     """Speaker turns of ``samples`` (16 kHz) over its speech ``regions`` (seconds)."""
     windows = embed_jobs(samples, regions)
-    if not windows.jobs:
-        return Diarization([], 0, np.zeros((0, 256)))
-    results = await embed(windows.jobs)
+    results = await embed(windows.jobs) if windows.jobs else []
+    _raise_for_errors(results)
+    return _diarization(windows, [r.array() for r in results], max_speakers)
+
+
+def _raise_for_errors(results: list[EmbedResult]) -> None:
     for result in results:
         if result.error:
             raise RuntimeError(f"speaker embedding failed: {result.error}")
-    embeddings = np.concatenate([r.array() for r in results])
-    labels, centroids = cluster(embeddings, max_speakers)
+
+
+def _diarization(windows: Windows, embeddings: list[np.ndarray], max_speakers: int) -> Diarization:
+    if not embeddings:
+        return Diarization([], 0, np.zeros((0, SPEAKER_DIM)))
+    labels, centroids = cluster(np.concatenate(embeddings), max_speakers)
     # Number speakers by first appearance, so "A" is whoever speaks first.
     first = _first_seen(windows.centers, labels)
     labels = np.argsort(first)[labels]
@@ -268,35 +298,41 @@ class SpeakerSegment:
     start: float
     end: float
     text: str
-    speaker: int | None
+    speaker: str
 
 
-def split_segments(segments: Sequence[Segment], found: Sequence[Turn]) -> list[SpeakerSegment]:
+def split_segments(
+    segments: Sequence[Segment], found: Sequence[Turn], names: Sequence[str]
+) -> list[SpeakerSegment]:
     """Segments split where the speaker of their words changes (by word timestamps); a segment
-    without words keeps its span and takes the speaker it overlaps most."""
+    without words keeps its span and takes the speaker it overlaps most. ``names[i]`` labels
+    speaker ``i``; with no turns at all (no speech found) everything is the first name."""
     out: list[SpeakerSegment] = []
+
+    def add(start: float, end: float, text: str, speaker: int | None) -> None:
+        label = names[speaker] if speaker is not None else (names[0] if names else "A")
+        out.append(SpeakerSegment(len(out), start, end, text, label))
+
     for segment in segments:
         if not segment.words:
-            speaker = speaker_of(segment.start, segment.end, found)
-            out.append(SpeakerSegment(len(out), segment.start, segment.end, segment.text, speaker))
+            add(
+                segment.start,
+                segment.end,
+                segment.text,
+                speaker_of(segment.start, segment.end, found),
+            )
             continue
         run: list[Word] = []
         run_speaker: int | None = None
         for word in segment.words:
             speaker = speaker_of(word.start, word.end, found)
             if run and speaker != run_speaker:
-                out.append(_from_words(len(out), run, run_speaker))
+                add(run[0].start, run[-1].end, "".join(w.word for w in run), run_speaker)
                 run = []
             run.append(word)
             run_speaker = speaker
-        out.append(_from_words(len(out), run, run_speaker))
+        add(run[0].start, run[-1].end, "".join(w.word for w in run), run_speaker)
     return out
-
-
-def _from_words(index: int, words: list[Word], speaker: int | None) -> SpeakerSegment:
-    return SpeakerSegment(
-        index, words[0].start, words[-1].end, "".join(w.word for w in words), speaker
-    )
 
 
 def word_regions(words: Sequence[Word], gap: float = 0.3) -> list[tuple[float, float]]:
@@ -310,6 +346,83 @@ def word_regions(words: Sequence[Word], gap: float = 0.3) -> list[tuple[float, f
     return regions
 
 
+def reference_audio(url: str, *, timeout_s: float = 60.0) -> np.ndarray:
+    """A known speaker's sample from its data URL: 16 kHz mono, 2-10 s, else a 400."""
+    payload = url[url.index(";base64,") + len(";base64,") :]  # checked by the request model
+    try:
+        data = base64.b64decode(payload, validate=False)
+        samples = decode_audio(data, max_seconds=REFERENCE_MAX_S + 1, timeout_s=timeout_s)
+    except (binascii.Error, AudioDecodeError) as exc:
+        raise BadRequest(
+            f"A known_speaker_references[] entry is not audio that can be decoded: {exc}",
+            param="known_speaker_references",
+        ) from exc
+    seconds = len(samples) / SAMPLE_RATE
+    if not REFERENCE_MIN_S <= seconds <= REFERENCE_MAX_S:
+        raise BadRequest(
+            f"Each known_speaker_references[] sample must be {REFERENCE_MIN_S:g} to "
+            f"{REFERENCE_MAX_S:g} seconds long; got {seconds:.1f} s.",
+            param="known_speaker_references",
+        )
+    return samples
+
+
+def reference_job(samples: np.ndarray) -> EmbedJob:
+    """All of a reference sample in windows; their mean embedding is the speaker's voice."""
+    return EmbedJob.for_audio(samples, window_starts(len(samples)))
+
+
+def speaker_labels(
+    centroids: np.ndarray, references: np.ndarray, names: Sequence[str]
+) -> list[str]:
+    """A label per speaker (centroid): the name of the reference it matches (one speaker per
+    name, the pairing with the highest total similarity, each pair at least KNOWN_SPEAKER_MIN
+    alike), else the next of "A", "B", ... that is not a given name."""
+    labels: list[str | None] = [None] * len(centroids)
+    if len(names) and len(centroids):
+        sim = cosine(centroids, references)
+        k = min(len(centroids), len(names))
+        best, best_pairs = -np.inf, []
+        for speakers in itertools.permutations(range(len(centroids)), k):
+            for refs in itertools.permutations(range(len(names)), k):
+                pairs = [
+                    (a, b)
+                    for a, b in zip(speakers, refs, strict=True)
+                    if sim[a, b] >= KNOWN_SPEAKER_MIN
+                ]
+                score = sum(sim[a, b] for a, b in pairs)
+                if score > best:
+                    best, best_pairs = score, pairs
+        for speaker, ref in best_pairs:
+            labels[speaker] = names[ref]
+    letters = (n for n in speaker_names(len(centroids) + len(names)) if n not in names)
+    return [label if label is not None else next(letters) for label in labels]
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarities between the rows of ``a`` and of ``b``."""
     return _normalize(np.atleast_2d(a)) @ _normalize(np.atleast_2d(b)).T
+
+
+async def speaker_segments(
+    samples: np.ndarray,
+    segments: Sequence[Segment],
+    embed: EmbedFn,
+    *,
+    max_speakers: int,
+    known: dict[str, np.ndarray] | None = None,
+) -> list[SpeakerSegment]:
+    """A transcription's segments (with word timestamps) split and labelled by speaker: what a
+    route runs for ``diarized_json`` once Whisper is done. ``known``: reference samples by name
+    (:func:`reference_audio`), embedded in the same call as the windows."""
+    known = known or {}
+    regions = await asyncio.to_thread(speech_regions, samples)
+    windows = embed_jobs(samples, regions)
+    references = [reference_job(audio) for audio in known.values()]
+    results = await embed(windows.jobs + references) if windows.jobs or references else []
+    _raise_for_errors(results)
+    embeddings = [r.array() for r in results[: len(windows.jobs)]]
+    ref_vectors = np.array([r.array().mean(0) for r in results[len(windows.jobs) :]])
+    result = _diarization(windows, embeddings, max_speakers)
+    names = speaker_labels(result.centroids, ref_vectors.reshape(-1, SPEAKER_DIM), list(known))
+    return split_segments(segments, result.turns, names)
