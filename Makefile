@@ -12,11 +12,17 @@ TORCH_INDEX ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?= --out benchmarks/results/tmp/rtf.json
 LINT_PATHS := src tests service.py benchmarks
+# Every package pinned (requirements/constraints.txt, `make constraints`): pip resolves at once
+# instead of backtracking through releases (a cold install without it took 226 s). No
+# byte-compiling at install time: Python compiles what it imports on first use.
+CONSTRAINTS := requirements/constraints.txt
+PIP_INSTALL = $(VENV)/bin/python -m pip install --no-compile --prefer-binary --no-input \
+	--disable-pip-version-check -c $(CONSTRAINTS)
 
 # Written last by the install, so an interrupted install is redone; redone when pyproject changes.
 STAMP := $(VENV)/.bentowhisper-installed
 
-.PHONY: help .venv serve test lint bench
+.PHONY: help .venv serve test lint bench constraints
 
 help:
 	@echo "make serve   start the service on port $(PORT) (PORT=...; model and settings: configs/, BENTOWHISPER_*)"
@@ -24,15 +30,25 @@ help:
 	@echo "make lint    ruff check + ruff format --check"
 	@echo "make bench   engine real-time factor benchmark (docs/benchmarks.md)"
 	@echo "make .venv   create $(VENV): CPU torch first, then the project with [embedded,test]"
+	@echo "make constraints  re-pin $(CONSTRAINTS) from $(VENV) after a dependency change"
 
 .venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --upgrade pip
-	$(VENV)/bin/python -m pip install "torch==2.13.0" $(TORCH_INDEX)
-	$(VENV)/bin/python -m pip install -e ".[embedded,test]"
+	$(VENV)/bin/python -m pip install --no-compile --disable-pip-version-check --upgrade pip
+	$(PIP_INSTALL) "torch==2.13.0" $(TORCH_INDEX)
+	$(PIP_INSTALL) -e ".[embedded,test]"
+	# resemblyzer only for its speaker-encoder weights: its own requirements (librosa, webrtcvad,
+	# the obsolete `typing` backport) are not needed by our code.
+	$(PIP_INSTALL) --no-deps "resemblyzer==0.1.4"
 	touch $@
+
+# Re-pin after a dependency change in pyproject.toml (install it into $(VENV) first).
+constraints:
+	{ sed -n '1,2p' $(CONSTRAINTS); $(VENV)/bin/python -m pip freeze --exclude-editable \
+		--exclude bentowhisper | sed 's/+cpu$$//'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 serve: .venv
 	BENTOML_DO_NOT_TRACK=true $(VENV)/bin/bentoml serve service:BentoWhisper --port $(PORT)

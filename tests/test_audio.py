@@ -480,3 +480,11 @@ def test_find_ffmpeg_falls_back_to_imageio(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.delenv(audio.FFMPEG_ENV, raising=False)
     monkeypatch.setenv("PATH", "")
     assert find_ffmpeg() == imageio_ffmpeg.get_ffmpeg_exe()
+
+
+@pytest.mark.parametrize("rate", [SAMPLE_RATE, 44100])
+def test_a_file_of_nan_samples_is_undecodable(rate: int, isolated_tmp: Path) -> None:
+    signal = np.full(rate, np.nan, dtype=np.float32)
+    signal[::3] = np.inf
+    with pytest.raises(UndecodableAudioError, match="not numbers"):
+        decode_audio(_float_wav_bytes(signal, rate))

@@ -155,6 +155,7 @@ def make_media() -> Media:
     noisy[1::97] = np.inf
     noisy[2::89] = -np.inf
     files["nan.wav"] = wav_bytes(noisy, 16000, float32=True)
+    files["all-nan.wav"] = wav_bytes(np.full(16000, np.nan, dtype=np.float32), 16000, float32=True)
     files["rate-1mhz.wav"] = wav_bytes(tone(0.2, 1_000_000), 1_000_000)
     files["rate-0.wav"] = wav_bytes(tone(0.5, 16000), 0)
     files["channels-16.wav"] = wav_bytes(tone(0.25, 16000, channels=16), 16000)
@@ -485,6 +486,7 @@ CASES: list[Case] = [
     Case("empty-filename", upload("jfk3.mp3", filename=""), **OK),
     Case("wav-16-channels", upload("channels-16.wav"), **OK),
     Case("nan-and-inf-float-wav", upload("nan.wav"), **OK),
+    Case("all-nan-float-wav", upload("all-nan.wav"), **UNDECODABLE),
     Case("wav-header-claims-4gb", upload("claims-4gb.wav"), **OK),
     Case("prompt-not-utf8", clip(prompt=b"caf\xe9 \xff\xfe na\xefve"), **OK),
     Case("prompt-1000kb", clip(prompt="Kennedy " * 125_000), **OK),

@@ -86,3 +86,15 @@ def test_gpu_profile_on_cpu_sized_settings_transcribes(converted_models_dir: Pat
         )
     )
     assert "ask not what your country can do for you" in result.text.lower().replace(",", "")
+
+
+def test_a_mistyped_variable_fails_with_its_name_and_a_suggestion() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"BENTOWHISPER_MAX_BACH_SIZE \(did you mean BENTOWHISPER_MAX_BATCH_SIZE\?\)",
+    ):
+        load_settings({"BENTOWHISPER_MAX_BACH_SIZE": "4"})
+    with pytest.raises(ValueError, match="BENTOWHISPER_NOTHING_LIKE_IT"):
+        load_settings({"BENTOWHISPER_NOTHING_LIKE_IT": "1"})
+    # The prefix's other variables are no settings, and no error.
+    assert load_settings({"BENTOWHISPER_FFMPEG": "ffmpeg", "BENTOWHISPER_EVAL_DIR": "/x"}).model

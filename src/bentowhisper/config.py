@@ -8,6 +8,7 @@ variable named ``BENTOWHISPER_`` + the field name in upper case; lists are comma
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -18,6 +19,9 @@ from pathlib import Path
 import yaml
 
 ENV_PREFIX = "BENTOWHISPER_"
+# Variables with the prefix that are not settings: the profile file, the FFmpeg binary
+# (server/audio.py) and the evaluation set of tests and benchmarks.
+OTHER_VARIABLES = {ENV_PREFIX + "CONFIG", ENV_PREFIX + "FFMPEG", ENV_PREFIX + "EVAL_DIR"}
 # configs/ sits beside src/ in the repository, and beside the package inside a Bento (whose
 # build strips the src/ prefix).
 REPO_ROOT = next(
@@ -63,6 +67,12 @@ class Settings:
     # Bearer keys; empty means no authentication.
     api_keys: list[str] = field(default_factory=list)
     api_key_file: str = ""
+    # Realtime transcription sessions (WebSocket /v1/realtime).
+    realtime_max_sessions: int = 32  # per API worker; beyond it the handshake gets 429
+    realtime_max_turn_s: float = 30.0  # server VAD cuts a turn here; manual buffers stop here
+    realtime_idle_timeout_s: float = 60.0  # a session with no client event this long is closed
+    realtime_max_message_kb: float = 1024.0  # larger messages get an error event, unapplied
+    realtime_partial_interval_ms: int = 700  # a growing turn is re-decoded at most this often
 
     @property
     def max_upload_bytes(self) -> int:
@@ -95,6 +105,19 @@ def load_settings(environ: typing.Mapping[str, str] | None = None) -> Settings:
     unknown = set(values) - set(known)
     if unknown:
         raise ValueError(f"unknown settings in {profile}: {sorted(unknown)}")
+    expected = {ENV_PREFIX + name.upper() for name in known} | OTHER_VARIABLES
+    mistyped = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in expected)
+    if mistyped:
+        # A typo would otherwise leave the default in force without a word.
+        hints = [
+            f"{k} (did you mean {close[0]}?)"
+            if (close := difflib.get_close_matches(k, expected, 1))
+            else k
+            for k in mistyped
+        ]
+        raise ValueError(
+            f"unknown environment variables: {', '.join(hints)}; see README's settings"
+        )
     for name, spec in known.items():
         raw = environ.get(ENV_PREFIX + name.upper())
         if raw is not None:

@@ -60,3 +60,39 @@ class DecodeResult(BaseModel):
     token_times: list[float] = Field(default_factory=list)
     token_probs: list[float] = Field(default_factory=list)
     error: str | None = None  # set when this item failed; the other items are unaffected
+
+
+# --- Speaker embeddings (diarization) -----------------------------------------------------------
+# The API service cuts speech into overlapping 1.6 s windows and sends them as one EmbedJob per
+# stretch of audio; the speaker encoder answers one 256-d embedding per window.
+
+SPEAKER_WINDOW = 25600  # samples (1.6 s at 16 kHz): the window length the encoder was trained on
+SPEAKER_DIM = 256
+
+
+class EmbedJob(BaseModel):
+    """A stretch of 16 kHz audio and where its windows start; the audio travels once, not once
+    per (overlapping) window. A window running past the end is zero-padded."""
+
+    audio: bytes  # float32 16 kHz mono samples
+    starts: list[int] = Field(default_factory=list)  # window starts, in samples into ``audio``
+
+    @classmethod
+    def for_audio(cls, samples: np.ndarray, starts: list[int]) -> EmbedJob:
+        samples = np.ascontiguousarray(samples, dtype=np.float32)
+        return cls(audio=samples.tobytes(), starts=starts)
+
+    def samples(self) -> np.ndarray:
+        return np.frombuffer(self.audio, dtype=np.float32)
+
+
+class EmbedResult(BaseModel):
+    embeddings: bytes  # float32, shape (len(job.starts), SPEAKER_DIM), L2-normalised rows
+    error: str | None = None  # set when this item failed; the other items are unaffected
+
+    @classmethod
+    def for_embeddings(cls, embeddings: np.ndarray) -> EmbedResult:
+        return cls(embeddings=np.ascontiguousarray(embeddings, dtype=np.float32).tobytes())
+
+    def array(self) -> np.ndarray:
+        return np.frombuffer(self.embeddings, dtype=np.float32).reshape(-1, SPEAKER_DIM)

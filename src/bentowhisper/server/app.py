@@ -59,6 +59,7 @@ from .protocol import (
     UnsupportedMediaType,
     parse_form,
 )
+from .realtime.route import add_realtime_routes
 
 log = logging.getLogger(__name__)
 CREATED = 1_700_000_000  # a fixed `created` for /v1/models: the model's age is not a fact we have
@@ -143,6 +144,7 @@ def create_app() -> FastAPI:
         )
         app.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
         app.add_api_route(f"{prefix}/models/{{model_id:path}}", retrieve_model, methods=["GET"])
+    add_realtime_routes(app)  # WebSocket routes; the catch-all below matches HTTP only
     # BentoML answers paths no mounted route matches with a plain-text 404; claim the OpenAI
     # namespaces so that a client of an endpoint we lack (say /v1/audio/speech) gets the envelope.
     for namespace in ("/v1/{rest:path}", "/audio/{rest:path}"):

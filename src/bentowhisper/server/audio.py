@@ -421,7 +421,15 @@ def _run_ffmpeg(
         )
     # bytearray is writable, so this is a zero-copy, writable view on the decoded audio.
     samples = np.frombuffer(buf, dtype="<f4").astype(np.float32, copy=False)
-    if not np.isfinite(samples).all():
+    finite = np.isfinite(samples)
+    if not finite.all():
+        # A few bad samples are repaired; a file that is mostly NaN or infinity is not audio,
+        # and zeroing it would answer 200 with empty text.
+        if finite.mean() < 0.5:
+            raise UndecodableAudioError(
+                "The file's audio samples are not numbers (NaN or infinity). " + _formats_hint(),
+                detail=stderr,
+            )
         np.nan_to_num(samples, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     np.clip(samples, -1.0, 1.0, out=samples)
     return samples
