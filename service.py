@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
@@ -71,6 +72,8 @@ class WhisperModel:
         # Warm up on one silent window so the first request does not pay for lazy init.
         silence = log_mel(bundle.feature_extractor)(np.zeros(WINDOW_SAMPLES, np.float32))
         decode_batch(bundle, [DecodeJob.for_window(silence, language="en")])
+        # under "bentoml", whose handlers BentoML sets up in its workers (ours show nothing)
+        logging.getLogger("bentoml.whisper_model").info("precision: %s", bundle.speed.describe())
         return bundle
 
     @bentoml.api(

@@ -83,7 +83,7 @@ def ours(model: str, variant: str, out: Path, args, log: list[str]) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     server = start_server(log_dir=logs, env=env)
     try:
-        server.wait_ready()
+        server.wait_ready(timeout_s=600)  # a busy shared machine loads slowly
         measure(label, server.base_url, "whisper-1", out, args, log)
         if args.hol and model == "base" and variant == args.hol_variant:
             run(
