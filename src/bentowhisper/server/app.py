@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Settings
@@ -59,7 +59,6 @@ from .protocol import (
     UnsupportedMediaType,
     parse_form,
 )
-from .realtime.route import add_realtime_routes
 
 log = logging.getLogger(__name__)
 CREATED = 1_700_000_000  # a fixed `created` for /v1/models: the model's age is not a fact we have
@@ -144,6 +143,8 @@ def create_app() -> FastAPI:
         )
         app.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
         app.add_api_route(f"{prefix}/models/{{model_id:path}}", retrieve_model, methods=["GET"])
+    from .realtime.route import add_realtime_routes  # here: it imports this module
+
     add_realtime_routes(app)  # WebSocket routes; the catch-all below matches HTTP only
     # BentoML answers paths no mounted route matches with a plain-text 404; claim the OpenAI
     # namespaces so that a client of an endpoint we lack (say /v1/audio/speech) gets the envelope.
@@ -410,17 +411,21 @@ def _backend(request: Request) -> Backend:
     return backend
 
 
-def _authorize(request: Request, backend: Backend) -> None:
+def _authorize(request: HTTPConnection, backend: Backend, *, key: str = "") -> None:
+    """The bearer key of ``request`` (else ``key``, which a WebSocket may carry in a
+    subprotocol) must be one of the configured keys, when there are any."""
     keys = backend.api_keys
     if not keys:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    given = token.strip().encode() if scheme.lower() == "bearer" else b""
+    given = (token.strip() if scheme.lower() == "bearer" else key).encode()
     # compare against every key, always, so timing says nothing about which prefix matched
     matches = [hmac.compare_digest(given, key.encode()) for key in keys]
     if not any(matches):
-        raise Unauthorized("Incorrect API key provided." if header else "Missing bearer API key.")
+        raise Unauthorized(
+            "Incorrect API key provided." if header or key else "Missing bearer API key."
+        )
 
 
 class _BodyLimit:

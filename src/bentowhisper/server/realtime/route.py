@@ -10,7 +10,6 @@ when the client leaves (every decode the session started is cancelled), after
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from dataclasses import replace
@@ -23,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ...wire import DecodeJob
+from ..app import _authorize
 from ..longform import (
     HOP_LENGTH,
     WINDOW_SAMPLES,
@@ -36,14 +36,12 @@ from ..protocol import (
     OpenAIError,
     RateLimited,
     ServiceUnavailable,
-    Unauthorized,
     normalize_language,
 )
 from .codecs import TARGET_RATE
 from .events import EventError, SessionConfig
 from .metrics import realtime_metrics
 from .session import Limits, Session
-from .vad import SileroStream
 
 log = logging.getLogger(__name__)
 KEY_PROTOCOL = "openai-insecure-api-key."  # browsers cannot set headers on a WebSocket
@@ -78,7 +76,7 @@ async def realtime_session(websocket: WebSocket) -> None:
     try:
         if backend is None:
             raise ServiceUnavailable("The service is starting; retry shortly.", retry_after=5)
-        _authorize(websocket, backend.api_keys)
+        _authorize(websocket, backend, key=_subprotocol_key(websocket))
         intent = websocket.query_params.get("intent", "transcription")
         if intent != "transcription":
             raise BadRequest(
@@ -114,18 +112,11 @@ def _refusal(exc: OpenAIError) -> str:
     return {401: "unauthorized", 429: "over_capacity"}.get(exc.status_code, "refused")
 
 
-def _authorize(websocket: WebSocket, keys: list[str]) -> None:
-    if not keys:
-        return
-    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
-    given = token.strip() if scheme.lower() == "bearer" else ""
+def _subprotocol_key(websocket: WebSocket) -> str:
     for protocol in websocket.scope.get("subprotocols") or []:
         if protocol.startswith(KEY_PROTOCOL):
-            given = given or protocol[len(KEY_PROTOCOL) :]
-    # every key, always: timing says nothing about which one matched
-    matches = [hmac.compare_digest(given.encode(), key.encode()) for key in keys]
-    if not any(matches):
-        raise Unauthorized("Incorrect API key provided." if given else "Missing API key.")
+            return protocol[len(KEY_PROTOCOL) :]
+    return ""
 
 
 async def _serve(websocket: WebSocket, backend: Any) -> str:
@@ -178,7 +169,6 @@ async def _serve(websocket: WebSocket, backend: Any) -> str:
         send=send,
         check=check,
         config=SessionConfig(model=backend.model_names[0]),
-        vad=SileroStream,
         limits=Limits(
             max_turn_s=settings.realtime_max_turn_s,
             partial_interval_s=settings.realtime_partial_interval_ms / 1000,
