@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from support import REPO_ROOT
 
 from bentowhisper.server import diarize as dz
 from bentowhisper.transcript import Segment, Word

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EVAL_DIR
+from support import EVAL_DIR
 
 from bentowhisper.server.audio import find_ffmpeg
 from bentowhisper.server.realtime.codecs import AudioDecoder, Resampler
@@ -242,7 +242,7 @@ MAX_SESSIONS = 12
 @pytest.fixture(scope="module")
 def rt_server(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """``bentoml serve`` with tiny.en and tight realtime limits, so the limits can be hit."""
-    from server import start_server
+    from support import start_server
 
     tmp = tmp_path_factory.mktemp("realtime-serve")
     (tmp / "api-keys").write_text("")
@@ -335,7 +335,7 @@ def _file_wer(server) -> tuple[float, str]:
 
 
 def _reference() -> str:
-    from conftest import reference
+    from support import reference
 
     return reference(CLIP.stem)
 
@@ -521,11 +521,9 @@ def test_idle_timeout_and_session_limit(rt_server) -> None:
 
 
 def _metric(server, name: str) -> float:
-    from server import httpx
+    from support import metric
 
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
-    return sum(values)
+    return metric(server.url, name)
 
 
 def _api_worker_rss_kb(server) -> int:

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import EVAL_DIR
+from support import EVAL_DIR
 
 from bentowhisper.server.audio import decode_audio
 from bentowhisper.wire import SPEAKER_DIM, SPEAKER_WINDOW, EmbedJob

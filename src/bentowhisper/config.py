@@ -47,7 +47,9 @@ class Settings:
     # "auto": fp16 on GPUs; bf16 on CPUs with bf16 instructions, else fp32 (models.resolve_dtype)
     dtype: str = "auto"
     attn_implementation: str = "hybrid"  # SDPA plus matmuls for 1-token steps (attention.py)
-    quantization: str = "none"  # "int8": dynamic int8 linear layers (CPU only)
+    # "auto": the fastest that keeps accuracy for the CPU found (engine/speed.py); "none";
+    # "int8" (all linear layers) or "int8:<parts>" (encoder, decoder, proj_out), CPU only
+    quantization: str = "auto"
     # Adaptive batching of 30 s windows across requests.
     max_batch_size: int = 8
     max_latency_ms: int = 60_000

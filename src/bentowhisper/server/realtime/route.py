@@ -22,15 +22,15 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ...wire import DecodeJob
-from ..app import _authorize
+from .. import serving
 from ..longform import (
     HOP_LENGTH,
     WINDOW_SAMPLES,
     DecodeError,
     TranscribeOptions,
-    transcribe,
     window_features,
 )
+from ..middleware import authorize
 from ..protocol import (
     BadRequest,
     OpenAIError,
@@ -76,7 +76,7 @@ async def realtime_session(websocket: WebSocket) -> None:
     try:
         if backend is None:
             raise ServiceUnavailable("The service is starting; retry shortly.", retry_after=5)
-        _authorize(websocket, backend, key=_subprotocol_key(websocket))
+        authorize(websocket, backend.api_keys, key=_subprotocol_key(websocket))
         intent = websocket.query_params.get("intent", "transcription")
         if intent != "transcription":
             raise BadRequest(
@@ -122,6 +122,7 @@ def _subprotocol_key(websocket: WebSocket) -> str:
 async def _serve(websocket: WebSocket, backend: Any) -> str:
     settings = backend.settings
     lock = asyncio.Lock()
+    closed = asyncio.Event()  # set when the session ends: its turns' requests end with it
 
     async def send(event: dict[str, Any]) -> None:
         async with lock:  # decodes finish on their own tasks; frames must not interleave
@@ -140,8 +141,17 @@ async def _serve(websocket: WebSocket, backend: Any) -> str:
             prompt=config.prompt or None,
             slice_tokens=settings.slice_tokens or None,
         )
-        result = await transcribe(audio, options, backend.decode, backend.vocab, backend.features)
-        return result.text
+        # A committed turn is one request to the serving core, as a file is: admission,
+        # deadline, error mapping and metrics (endpoint "realtime").
+        try:
+            with serving.started(backend, "realtime") as run:
+                run.admit()
+                done = await run.complete(backend.events(audio, options), closed.wait)
+        except OpenAIError as exc:
+            raise EventError(
+                exc.message, code=exc.code or "transcription_failed", error_type=exc.type
+            ) from exc
+        return done.transcription.text
 
     def check(config: SessionConfig) -> SessionConfig:
         if config.model not in backend.model_names:
@@ -216,6 +226,7 @@ async def _serve(websocket: WebSocket, backend: Any) -> str:
         log.exception("realtime session failed")
         return "error"
     finally:
+        closed.set()
         await session.close()
 
 

@@ -377,13 +377,19 @@ class Session:
         except Exception as exc:
             log.warning("turn decode failed", exc_info=True)
             recorded.turns.labels("failed").inc()
-            error = {"type": "server_error", "code": "transcription_failed", "param": None}
+            known = exc if isinstance(exc, EventError) else None
+            error = {
+                "type": known.error_type if known else "server_error",
+                "code": known.code if known else "transcription_failed",
+                "message": known.message if known else f"Transcription failed: {exc}",
+                "param": None,
+            }
             await self.send(
                 server_event(
                     "conversation.item.input_audio_transcription.failed",
                     item_id=turn.item_id,
                     content_index=0,
-                    error={**error, "message": f"Transcription failed: {exc}"},
+                    error=error,
                 )
             )
             return
