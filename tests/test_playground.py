@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import reference
-from server import free_port, httpx
+from support import free_port, httpx, reference
 from test_realtime import CLIP, rt_server  # noqa: F401 (rt_server: a fixture)
 from test_service import wer
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EVAL_DIR
+from support import EVAL_DIR
 
 from bentowhisper.server.audio import find_ffmpeg
 from bentowhisper.server.realtime.codecs import AudioDecoder, Resampler
@@ -29,7 +29,6 @@ from bentowhisper.server.realtime.events import (
     parse_client_event,
 )
 from bentowhisper.server.realtime.session import Limits, Session
-from bentowhisper.server.realtime.vad import SileroStream
 
 CLIP = EVAL_DIR / "audio" / "en_ljspeech" / "LJ001-0001.wav"  # 9.7 s, one reader, dev set
 
@@ -188,7 +187,6 @@ def _session(limits: Limits, **config: object) -> tuple[Session, list[dict]]:
         transcribe=transcribe,
         send=send,
         check=lambda c: c,
-        vad=SileroStream,
         limits=limits,
         config=SessionConfig(**config),
     )
@@ -244,7 +242,7 @@ MAX_SESSIONS = 12
 @pytest.fixture(scope="module")
 def rt_server(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """``bentoml serve`` with tiny.en and tight realtime limits, so the limits can be hit."""
-    from server import start_server
+    from support import start_server
 
     tmp = tmp_path_factory.mktemp("realtime-serve")
     (tmp / "api-keys").write_text("")
@@ -337,7 +335,7 @@ def _file_wer(server) -> tuple[float, str]:
 
 
 def _reference() -> str:
-    from conftest import reference
+    from support import reference
 
     return reference(CLIP.stem)
 
@@ -523,11 +521,9 @@ def test_idle_timeout_and_session_limit(rt_server) -> None:
 
 
 def _metric(server, name: str) -> float:
-    from server import httpx
+    from support import metric
 
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
-    return sum(values)
+    return metric(server.url, name)
 
 
 def _api_worker_rss_kb(server) -> int:
@@ -582,3 +578,60 @@ def test_sessions_that_drop_leave_nothing_behind(rt_server) -> None:
 
     before, after = asyncio.run(run())
     assert after - before < 30_000, f"API worker RSS grew {before} -> {after} kB"
+
+
+def test_server_vad_turns_on_real_speech() -> None:
+    """The clip, then silence, in 100 ms appends: one turn around the speech; with a 4 s turn
+    limit the same speech becomes contiguous turns."""
+    speech = np.frombuffer(ffmpeg_raw(CLIP, 16000), "<i2").astype(np.float32) / 32768
+    audio = np.concatenate([np.zeros(8000, np.float32), speech, np.zeros(16000, np.float32)])
+
+    async def run(limits: Limits) -> list[dict]:
+        session, sent = _session(limits, rate=16000)
+        for offset in range(0, len(audio), 1600):
+            await session.handle(_append(audio[offset : offset + 1600]))
+        await asyncio.gather(*session.finals)
+        await session.close()
+        return sent
+
+    sent = asyncio.run(run(Limits()))
+    kinds = [event["type"] for event in sent]
+    assert kinds.count("input_audio_buffer.speech_started") == 1, kinds
+    started = next(e for e in sent if e["type"] == "input_audio_buffer.speech_started")
+    stopped = next(e for e in sent if e["type"] == "input_audio_buffer.speech_stopped")
+    assert 0 <= started["audio_start_ms"] <= 500  # speech starts 0.5 s in; 300 ms padding
+    assert 9_800 <= stopped["audio_end_ms"] <= 11_000  # ends 10.2 s in, plus 500 ms silence
+    (completed,) = [e for e in sent if e["type"].endswith("transcription.completed")]
+    seconds = (stopped["audio_end_ms"] - started["audio_start_ms"]) / 1000
+    assert completed["usage"]["seconds"] == pytest.approx(seconds, abs=0.01)
+
+    cut = asyncio.run(run(Limits(max_turn_s=4.0)))
+    starts = [e["audio_start_ms"] for e in cut if e["type"].endswith("speech_started")]
+    stops = [e["audio_end_ms"] for e in cut if e["type"].endswith("speech_stopped")]
+    assert len(starts) == len(stops) >= 3
+    assert starts[1:] == stops[:-1]  # each cut turn starts where the previous one ended
+    assert all(stop - start <= 4_000 + 100 for start, stop in zip(starts, stops, strict=True))
+
+
+def test_client_commit_during_server_vad_speech() -> None:
+    """A commit in the middle of speech ends that turn; the rest of the speech is a new turn
+    that starts after the commit, never overlapping the committed audio."""
+    speech = np.frombuffer(ffmpeg_raw(CLIP, 16000), "<i2").astype(np.float32) / 32768
+    audio = np.concatenate([speech, np.zeros(16000, np.float32)])
+
+    async def run() -> list[dict]:
+        session, sent = _session(Limits(), rate=16000)
+        for offset in range(0, len(audio), 1600):
+            await session.handle(_append(audio[offset : offset + 1600]))
+            if offset == 16000 * 4:  # 4.1 s in, mid-sentence
+                await session.handle(json.dumps({"type": "input_audio_buffer.commit"}))
+        await asyncio.gather(*session.finals)
+        return sent
+
+    sent = asyncio.run(run())
+    completed = [e for e in sent if e["type"].endswith("transcription.completed")]
+    assert len(completed) == 2, [e["type"] for e in sent]
+    total = sum(e["usage"]["seconds"] for e in completed)
+    second = [e for e in sent if e["type"].endswith("speech_started")][-1]
+    assert second["audio_start_ms"] >= 4_100 - 300 - 1  # no earlier than the commit, padded
+    assert total <= len(audio) / 16000 + 0.01

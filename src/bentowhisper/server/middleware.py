@@ -8,23 +8,26 @@ from __future__ import annotations
 import hmac
 
 from fastapi.responses import JSONResponse
-from starlette.requests import Request
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .protocol import NotFound, OpenAIError, PayloadTooLarge, Unauthorized
 
 
-def authorize(request: Request, keys: list[str]) -> None:
-    """Unauthorized unless the bearer token is one of ``keys`` (none: no authentication)."""
+def authorize(request: HTTPConnection, keys: list[str], *, key: str = "") -> None:
+    """Unauthorized unless the bearer token (else ``key``, which a WebSocket may carry in a
+    subprotocol) is one of ``keys`` (none: no authentication)."""
     if not keys:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    given = token.strip().encode() if scheme.lower() == "bearer" else b""
+    given = (token.strip() if scheme.lower() == "bearer" else key).encode()
     # compare against every key, always, so timing says nothing about which prefix matched
-    matches = [hmac.compare_digest(given, key.encode()) for key in keys]
+    matches = [hmac.compare_digest(given, k.encode()) for k in keys]
     if not any(matches):
-        raise Unauthorized("Incorrect API key provided." if header else "Missing bearer API key.")
+        raise Unauthorized(
+            "Incorrect API key provided." if header or key else "Missing bearer API key."
+        )
 
 
 class BodyLimit:

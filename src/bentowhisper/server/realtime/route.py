@@ -10,7 +10,6 @@ when the client leaves (every decode the session started is cancelled), after
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from dataclasses import replace
@@ -23,27 +22,26 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ...wire import DecodeJob
+from .. import serving
 from ..longform import (
     HOP_LENGTH,
     WINDOW_SAMPLES,
     DecodeError,
     TranscribeOptions,
-    transcribe,
     window_features,
 )
+from ..middleware import authorize
 from ..protocol import (
     BadRequest,
     OpenAIError,
     RateLimited,
     ServiceUnavailable,
-    Unauthorized,
     normalize_language,
 )
 from .codecs import TARGET_RATE
 from .events import EventError, SessionConfig
 from .metrics import realtime_metrics
 from .session import Limits, Session
-from .vad import SileroStream
 
 log = logging.getLogger(__name__)
 KEY_PROTOCOL = "openai-insecure-api-key."  # browsers cannot set headers on a WebSocket
@@ -78,7 +76,7 @@ async def realtime_session(websocket: WebSocket) -> None:
     try:
         if backend is None:
             raise ServiceUnavailable("The service is starting; retry shortly.", retry_after=5)
-        _authorize(websocket, backend.api_keys)
+        authorize(websocket, backend.api_keys, key=_subprotocol_key(websocket))
         intent = websocket.query_params.get("intent", "transcription")
         if intent != "transcription":
             raise BadRequest(
@@ -114,23 +112,17 @@ def _refusal(exc: OpenAIError) -> str:
     return {401: "unauthorized", 429: "over_capacity"}.get(exc.status_code, "refused")
 
 
-def _authorize(websocket: WebSocket, keys: list[str]) -> None:
-    if not keys:
-        return
-    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
-    given = token.strip() if scheme.lower() == "bearer" else ""
+def _subprotocol_key(websocket: WebSocket) -> str:
     for protocol in websocket.scope.get("subprotocols") or []:
         if protocol.startswith(KEY_PROTOCOL):
-            given = given or protocol[len(KEY_PROTOCOL) :]
-    # every key, always: timing says nothing about which one matched
-    matches = [hmac.compare_digest(given.encode(), key.encode()) for key in keys]
-    if not any(matches):
-        raise Unauthorized("Incorrect API key provided." if given else "Missing API key.")
+            return protocol[len(KEY_PROTOCOL) :]
+    return ""
 
 
 async def _serve(websocket: WebSocket, backend: Any) -> str:
     settings = backend.settings
     lock = asyncio.Lock()
+    closed = asyncio.Event()  # set when the session ends: its turns' requests end with it
 
     async def send(event: dict[str, Any]) -> None:
         async with lock:  # decodes finish on their own tasks; frames must not interleave
@@ -149,8 +141,17 @@ async def _serve(websocket: WebSocket, backend: Any) -> str:
             prompt=config.prompt or None,
             slice_tokens=settings.slice_tokens or None,
         )
-        result = await transcribe(audio, options, backend.decode, backend.vocab, backend.features)
-        return result.text
+        # A committed turn is one request to the serving core, as a file is: admission,
+        # deadline, error mapping and metrics (endpoint "realtime").
+        try:
+            with serving.started(backend, "realtime") as run:
+                run.admit()
+                done = await run.complete(backend.events(audio, options), closed.wait)
+        except OpenAIError as exc:
+            raise EventError(
+                exc.message, code=exc.code or "transcription_failed", error_type=exc.type
+            ) from exc
+        return done.transcription.text
 
     def check(config: SessionConfig) -> SessionConfig:
         if config.model not in backend.model_names:
@@ -178,7 +179,6 @@ async def _serve(websocket: WebSocket, backend: Any) -> str:
         send=send,
         check=check,
         config=SessionConfig(model=backend.model_names[0]),
-        vad=SileroStream,
         limits=Limits(
             max_turn_s=settings.realtime_max_turn_s,
             partial_interval_s=settings.realtime_partial_interval_ms / 1000,
@@ -226,6 +226,7 @@ async def _serve(websocket: WebSocket, backend: Any) -> str:
         log.exception("realtime session failed")
         return "error"
     finally:
+        closed.set()
         await session.close()
 
 

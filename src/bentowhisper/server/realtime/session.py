@@ -1,13 +1,14 @@
 """One transcription session: audio in, turns out.
 
-Audio is decoded to 16 kHz as it arrives. With server VAD each 32 ms frame gets a speech
-probability; a turn starts at the first speech frame (with ``prefix_padding_ms`` of the audio
-before it) and ends after ``silence_duration_ms`` without speech, or at ``max_turn_s``. With
-``turn_detection: null`` the client's ``commit`` ends the turn. While a turn grows, it is
-re-decoded at a bounded rate (one decode in flight, at most one per ``partial_interval_s`` of
-new audio and of wall time) and the words that the hypotheses agree on are sent as deltas; the
-last word of a partial hypothesis is held back, since the audio may end inside it. A committed
-turn is decoded once more, in full, for ``completed``.
+Audio is decoded to 16 kHz as it arrives and kept in an :class:`AudioLog`. With server VAD the
+:class:`~bentowhisper.server.vad.SpeechDetector` that chunked files use scores it; a turn starts
+when a speech region opens (``prefix_padding_ms`` before its first speech) and ends when the
+region closes after ``silence_duration_ms`` without speech, or at ``max_turn_s`` (the region
+then goes on as the next turn). With ``turn_detection: null`` the client's ``commit`` ends the
+turn. While a turn grows, it is re-decoded at a bounded rate (one decode in flight, at most one
+per ``partial_interval_s`` of new audio and of wall time) and the words that the hypotheses
+agree on are sent as deltas; the last word of a partial hypothesis is held back, since the
+audio may end inside it. A committed turn is decoded once more, in full, for ``completed``.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import binascii
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ..vad import SpeechDetector, VadParams
 from .codecs import TARGET_RATE, AudioDecoder
 from .events import (
     EventError,
@@ -35,11 +38,12 @@ from .events import (
     server_event,
 )
 from .metrics import realtime_metrics
-from .vad import FRAME_SAMPLES, FrameVad
 
 log = logging.getLogger(__name__)
 MIN_COMMIT_S = 0.1  # OpenAI refuses to commit less than 100 ms of audio
-VAD_HYSTERESIS = 0.15  # speech continues while the probability stays above threshold - this
+# Audio kept before an open turn: the detector opens a region up to prefix_padding_ms plus
+# 250 ms of speech (its minimum) behind the newest sample, and a chunk may hold a second.
+KEEP_BEFORE_TURN_S = 3.0
 
 # (16 kHz audio, config, partial?) -> text; partial decodes skip the temperature fallback.
 TranscribeFn = Callable[[np.ndarray, SessionConfig, bool], Awaitable[str]]
@@ -55,25 +59,42 @@ class Limits:
     max_pending_turns: int = 4  # committed turns still decoding, per session
 
 
+class AudioLog:
+    """The session's recent 16 kHz audio, addressed by sample offsets from its first sample."""
+
+    def __init__(self) -> None:
+        self.chunks: deque[np.ndarray] = deque()
+        self.base = 0  # offset of the first sample kept
+        self.end = 0  # offset after the newest sample
+
+    def append(self, samples: np.ndarray) -> None:
+        self.chunks.append(samples)
+        self.end += len(samples)
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """Samples ``start:stop`` (a copy); what was trimmed away is left out."""
+        parts, offset = [], self.base
+        for chunk in self.chunks:
+            lo, hi = max(start - offset, 0), min(stop - offset, len(chunk))
+            if lo < hi:
+                parts.append(chunk[lo:hi])
+            offset += len(chunk)
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def trim(self, keep_from: int) -> None:
+        """Forget the chunks that end before ``keep_from``."""
+        while self.chunks and self.base + len(self.chunks[0]) <= keep_from:
+            self.base += len(self.chunks.popleft())
+
+
 @dataclass
 class Turn:
     item_id: str
-    start_sample: int  # session position of the turn's first sample
-    chunks: list[np.ndarray] = field(default_factory=list)
-    samples: int = 0
+    start: int  # session offset of the turn's first sample
     emitted: str = ""  # text sent as deltas so far
-    partial_samples: int = 0  # audio the last partial decode covered
+    partial_end: int = 0  # audio the last partial decode covered (offset)
     partial_started: float = float("-inf")
     partial: asyncio.Task | None = None
-
-    def add(self, samples: np.ndarray) -> None:
-        self.chunks.append(samples)
-        self.samples += len(samples)
-
-    def audio(self) -> np.ndarray:
-        if len(self.chunks) > 1:
-            self.chunks = [np.concatenate(self.chunks)]
-        return self.chunks[0] if self.chunks else np.zeros(0, np.float32)
 
 
 class Session:
@@ -83,21 +104,18 @@ class Session:
         transcribe: TranscribeFn,
         send: SendFn,
         check: CheckFn,
-        vad: Callable[[], FrameVad],
         limits: Limits,
         config: SessionConfig | None = None,
         beta: bool = False,
     ) -> None:
         self.transcribe, self.send, self.check = transcribe, send, check
-        self.make_vad, self.limits, self.beta = vad, limits, beta
+        self.limits, self.beta = limits, beta
         self.id = new_id("sess")
         self.config = check(config or SessionConfig())
         self.decoder = AudioDecoder(self.config.format, self.config.rate)
-        self.vad: FrameVad = vad()
-        self.position = 0  # samples (16 kHz) received in this session
-        self.frame_rest = np.zeros(0, np.float32)  # samples short of a whole VAD frame
-        self.preroll = np.zeros(0, np.float32)  # recent audio before speech (prefix padding)
-        self.silence = 0  # samples of non-speech at the end of the current turn
+        self.audio = AudioLog()
+        self.vad_base = 0  # session offset of the detector's first sample
+        self.detector = self._detector()
         self.turn: Turn | None = None
         self.previous_item: str | None = None
         self.finals: set[asyncio.Task] = set()
@@ -152,11 +170,23 @@ class Session:
         config = self.check(apply_update(self.config, event))
         if (config.format, config.rate) != (self.config.format, self.config.rate):
             self.decoder = AudioDecoder(config.format, config.rate)
-        if config.turn_detection != self.config.turn_detection and self.turn is not None:
-            await self._drop_turn()  # a turn cut by other rules would be neither
+        changed = config.turn_detection != self.config.turn_detection
         self.config = config
+        if changed:
+            await self._drop_turn()  # a turn cut by other rules would be neither
+            self.detector = self._detector()
         kind = "transcription_session.updated" if self.beta else "session.updated"
         await self.send(server_event(kind, session=self._session_view()))
+
+    def _detector(self) -> SpeechDetector | None:
+        """A fresh detector for the audio from now on (its offsets start at ``vad_base``)."""
+        vad = self.config.turn_detection
+        self.vad_base = self.audio.end
+        if vad is None:
+            return None
+        return SpeechDetector(
+            VadParams(vad.threshold, vad.prefix_padding_ms, vad.silence_duration_ms)
+        )
 
     def _session_view(self) -> dict[str, Any]:
         return self.config.beta(self.id) if self.beta else self.config.ga(self.id)
@@ -174,71 +204,45 @@ class Session:
         except (binascii.Error, ValueError):
             raise EventError("'audio' is not valid base64.", param="audio") from None
         samples = self.decoder(data)
-        if self.config.turn_detection is None:
-            await self._append_manual(samples)
+        if self.detector is None:
+            self._check_room(len(samples))
+            if self.turn is None:
+                self.turn = Turn(item_id=new_id("item"), start=self.audio.end)
+            self.audio.append(samples)
         else:
-            await self._append_vad(samples)
+            self.audio.append(samples)
+            await self._detect(self.detector, samples)
+        keep_from = (
+            self.turn.start if self.turn else self.audio.end - KEEP_BEFORE_TURN_S * TARGET_RATE
+        )
+        self.audio.trim(int(keep_from))
         self._maybe_partial()
 
-    async def _append_manual(self, samples: np.ndarray) -> None:
-        turn = self.turn
-        limit = int(self.limits.max_turn_s * TARGET_RATE)
-        if turn is not None and turn.samples + len(samples) > limit:
+    def _check_room(self, samples: int) -> None:
+        start = self.turn.start if self.turn else self.audio.end
+        if self.audio.end + samples - start > self.limits.max_turn_s * TARGET_RATE:
             raise EventError(
                 f"The input audio buffer would exceed {self.limits.max_turn_s:g} s; commit"
                 " or clear it first. This chunk was dropped.",
                 code="input_audio_buffer_too_large",
                 param="audio",
             )
-        if turn is None:
-            turn = self.turn = Turn(item_id=new_id("item"), start_sample=self.position)
-        turn.add(samples)
-        self.position += len(samples)
 
-    async def _append_vad(self, samples: np.ndarray) -> None:
-        vad = self.config.turn_detection
-        assert vad is not None
-        pending = np.concatenate([self.frame_rest, samples])
-        whole = len(pending) - len(pending) % FRAME_SAMPLES
-        self.frame_rest = pending[whole:]
-        pad = int(vad.prefix_padding_ms * TARGET_RATE / 1000)
-        silence_limit = int(vad.silence_duration_ms * TARGET_RATE / 1000)
-        for start in range(0, whole, FRAME_SAMPLES):
-            frame = pending[start : start + FRAME_SAMPLES]
-            prob = self.vad(frame)
-            self.position += FRAME_SAMPLES
-            turn = self.turn
-            if turn is None:
-                if prob >= vad.threshold:
-                    await self._speech_started(frame)
-                else:
-                    self.preroll = (
-                        np.concatenate([self.preroll, frame])[-pad:] if pad else frame[:0]
-                    )
-                continue
-            turn.add(frame)
-            self.silence = (
-                0 if prob >= vad.threshold - VAD_HYSTERESIS else self.silence + len(frame)
-            )
-            too_long = turn.samples >= self.limits.max_turn_s * TARGET_RATE
-            if self.silence >= silence_limit or too_long:
-                end_ms = _ms(self.position - self.silence)
-                await self.send(
-                    server_event(
-                        "input_audio_buffer.speech_stopped",
-                        audio_end_ms=end_ms,
-                        item_id=turn.item_id,
-                    )
-                )
-                await self._commit(turn)
+    async def _detect(self, detector: SpeechDetector, samples: np.ndarray) -> None:
+        base = self.vad_base
+        for start, end in detector.feed(samples):
+            turn = self.turn or await self._speech_started(base + start)  # opened and closed
+            await self._speech_stopped(turn, base + end)
+        if self.turn is None and detector.speech_start is not None:
+            await self._speech_started(base + detector.speech_start)
+        turn = self.turn
+        if turn is not None and self.audio.end - turn.start >= self.limits.max_turn_s * TARGET_RATE:
+            # The speech goes on: this turn ends here and the next one starts here.
+            await self._speech_stopped(turn, self.audio.end)
+            await self._speech_started(self.audio.end)
 
-    async def _speech_started(self, frame: np.ndarray) -> None:
-        start = self.position - FRAME_SAMPLES - len(self.preroll)
-        turn = self.turn = Turn(item_id=new_id("item"), start_sample=start)
-        turn.add(self.preroll)
-        turn.add(frame)
-        self.preroll = frame[:0]
-        self.silence = 0
+    async def _speech_started(self, start: int) -> Turn:
+        turn = self.turn = Turn(item_id=new_id("item"), start=start)
         await self.send(
             server_event(
                 "input_audio_buffer.speech_started",
@@ -246,20 +250,32 @@ class Session:
                 item_id=turn.item_id,
             )
         )
+        return turn
+
+    async def _speech_stopped(self, turn: Turn, end: int) -> None:
+        await self.send(
+            server_event(
+                "input_audio_buffer.speech_stopped", audio_end_ms=_ms(end), item_id=turn.item_id
+            )
+        )
+        await self._commit(turn, end)
 
     async def _commit_by_client(self) -> None:
         turn = self.turn
-        if turn is None or turn.samples < MIN_COMMIT_S * TARGET_RATE:
-            have = 0.0 if turn is None else turn.samples / TARGET_RATE * 1000
+        have = 0 if turn is None else self.audio.end - turn.start
+        if turn is None or have < MIN_COMMIT_S * TARGET_RATE:
+            have = have / TARGET_RATE * 1000
             raise EventError(
                 f"Error committing input audio buffer: buffer too small. Expected at least"
                 f" {MIN_COMMIT_S * 1000:.0f}ms of audio, but buffer only has {have:.2f}ms of"
                 " audio.",
                 code="input_audio_buffer_commit_empty",
             )
-        await self._commit(turn)
+        await self._commit(turn, self.audio.end)
+        if self.detector is not None:
+            self.detector = self._detector()  # the speech region it had open is committed
 
-    async def _commit(self, turn: Turn) -> None:
+    async def _commit(self, turn: Turn, end: int) -> None:
         if len(self.finals) >= self.limits.max_pending_turns:
             await self._drop_turn()
             raise EventError(
@@ -268,7 +284,6 @@ class Session:
                 code="rate_limit_exceeded",
             )
         self.turn = None
-        self.silence = 0
         if turn.partial is not None:
             turn.partial.cancel()  # the full decode below supersedes it
         await self.send(
@@ -279,7 +294,8 @@ class Session:
             )
         )
         self.previous_item = turn.item_id
-        task = asyncio.create_task(self._final(turn, self.config))
+        audio = self.audio.slice(turn.start, end)
+        task = asyncio.create_task(self._final(turn, audio, self.config))
         self.finals.add(task)
         realtime_metrics().tasks.inc()
         task.add_done_callback(self._final_done)
@@ -290,13 +306,12 @@ class Session:
 
     async def _clear(self) -> None:
         await self._drop_turn()
-        self.frame_rest = self.frame_rest[:0]
-        self.preroll = self.preroll[:0]
+        self.detector = self._detector()  # an open speech region goes with the audio
+        self.audio.trim(self.audio.end)
         await self.send(server_event("input_audio_buffer.cleared"))
 
     async def _drop_turn(self) -> None:
         turn, self.turn = self.turn, None
-        self.silence = 0
         if turn is not None and turn.partial is not None:
             turn.partial.cancel()
 
@@ -307,16 +322,17 @@ class Session:
         turn, limits = self.turn, self.limits
         if turn is None or turn.partial is not None:
             return
-        step = limits.partial_interval_s * TARGET_RATE
-        if turn.samples < limits.min_partial_s * TARGET_RATE:
+        end = self.audio.end
+        if end - turn.start < limits.min_partial_s * TARGET_RATE:
             return
-        if turn.partial_samples and turn.samples - turn.partial_samples < step:
+        if turn.partial_end and end - turn.partial_end < limits.partial_interval_s * TARGET_RATE:
             return
         if time.monotonic() - turn.partial_started < limits.partial_interval_s:
             return
-        turn.partial_samples = turn.samples
+        turn.partial_end = end
         turn.partial_started = time.monotonic()
-        turn.partial = asyncio.create_task(self._partial(turn, turn.audio(), self.config))
+        audio = self.audio.slice(turn.start, end)
+        turn.partial = asyncio.create_task(self._partial(turn, audio, self.config))
         realtime_metrics().tasks.inc()
         turn.partial.add_done_callback(lambda _: realtime_metrics().tasks.dec())
 
@@ -351,8 +367,7 @@ class Session:
                 )
             )
 
-    async def _final(self, turn: Turn, config: SessionConfig) -> None:
-        audio = turn.audio()
+    async def _final(self, turn: Turn, audio: np.ndarray, config: SessionConfig) -> None:
         seconds = len(audio) / TARGET_RATE
         recorded = realtime_metrics()
         try:
@@ -362,13 +377,19 @@ class Session:
         except Exception as exc:
             log.warning("turn decode failed", exc_info=True)
             recorded.turns.labels("failed").inc()
-            error = {"type": "server_error", "code": "transcription_failed", "param": None}
+            known = exc if isinstance(exc, EventError) else None
+            error = {
+                "type": known.error_type if known else "server_error",
+                "code": known.code if known else "transcription_failed",
+                "message": known.message if known else f"Transcription failed: {exc}",
+                "param": None,
+            }
             await self.send(
                 server_event(
                     "conversation.item.input_audio_transcription.failed",
                     item_id=turn.item_id,
                     content_index=0,
-                    error={**error, "message": f"Transcription failed: {exc}"},
+                    error=error,
                 )
             )
             return
