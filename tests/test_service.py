@@ -274,6 +274,43 @@ def test_streaming(client, jfk, jfk_text):
     assert words(done.text) == words(jfk_text)
 
 
+def assert_token_logprobs(logprobs, text: str) -> None:
+    """One entry per text token, each a log-probability (<= 0) whose bytes are its token's,
+    and the tokens join to the text."""
+    assert logprobs, "no logprobs"
+    for item in logprobs:
+        assert item.logprob <= 0.0 and item.logprob > -50, item
+        assert bytes(item.bytes) == item.token.encode(), item
+    assert "".join(item.token for item in logprobs).strip() == text.strip()
+
+
+def test_include_logprobs(client, jfk, jfk_text):
+    result = client.audio.transcriptions.create(
+        model="whisper-1", file=jfk, include=["logprobs"], language="en"
+    )
+    assert words(result.text) == words(jfk_text)
+    assert_token_logprobs(result.logprobs, result.text)
+    # a confident transcript: most tokens are near-certain
+    assert sorted(item.logprob for item in result.logprobs)[len(result.logprobs) // 2] > -0.5
+    plain = client.audio.transcriptions.create(model="whisper-1", file=jfk, language="en")
+    assert plain.logprobs is None  # only when asked for
+
+
+def test_include_logprobs_streamed(client, jfk):
+    events = list(
+        client.audio.transcriptions.create(
+            model="whisper-1", file=jfk, include=["logprobs"], language="en", stream=True
+        )
+    )
+    deltas = [e for e in events if isinstance(e, TranscriptionTextDeltaEvent)]
+    done = events[-1]
+    assert isinstance(done, TranscriptionTextDoneEvent)
+    for delta in deltas:
+        assert_token_logprobs(delta.logprobs, delta.delta)
+    assert_token_logprobs(done.logprobs, done.text)
+    assert [x.token for x in done.logprobs] == [x.token for d in deltas for x in d.logprobs]
+
+
 # --------------------------------------------------------------------------------------------
 # Models
 

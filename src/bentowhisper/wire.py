@@ -38,6 +38,7 @@ class DecodeJob(BaseModel):
     max_steps: int | None = Field(None, ge=1)  # tokens to sample in this call; None: to the end
     resume: list[int] = Field(default_factory=list)  # tokens sampled by earlier slices
     resume_logprob: float = 0.0  # their summed log-probability
+    resume_logprobs: list[float] = Field(default_factory=list)  # and each one's
     key: str | None = None  # identifies the window across slices (the encoder cache key)
 
     @classmethod
@@ -67,6 +68,7 @@ class DecodeJob(BaseModel):
             features=None,
             resume=result.tokens,
             resume_logprob=result.sum_logprob,
+            resume_logprobs=result.token_logprobs,
             language=result.language,
         )
 
@@ -82,6 +84,7 @@ class DecodeResult(BaseModel):
     tokens: list[int]  # sampled text and timestamp tokens, without <|endoftext|>
     avg_logprob: float
     sum_logprob: float = 0.0  # what a resumed slice starts from
+    token_logprobs: list[float] = Field(default_factory=list)  # one per token in ``tokens``
     done: bool = True  # False: the step budget ran out first; resubmit with ``resume``
     no_speech_prob: float
     language: str

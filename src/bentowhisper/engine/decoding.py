@@ -124,7 +124,7 @@ def _decode(
     prefixes = [
         _prefix(vocab, job, language) for job, (language, _) in zip(jobs, languages, strict=True)
     ]
-    tokens, sum_logprobs, no_speech, done = _sample(bundle, encoded, jobs, prefixes)
+    tokens, token_logprobs, sum_logprobs, no_speech, done = _sample(bundle, encoded, jobs, prefixes)
 
     results = []
     for i, job in enumerate(jobs):
@@ -135,6 +135,7 @@ def _decode(
                 # openai-whisper: the sum includes <|endoftext|>, hence the + 1
                 avg_logprob=sum_logprobs[i] / (len(tokens[i]) + 1),
                 sum_logprob=sum_logprobs[i],
+                token_logprobs=token_logprobs[i],
                 done=done[i],
                 no_speech_prob=no_speech[i],
                 language=language,
@@ -218,7 +219,7 @@ def _sample(
     encoded: torch.Tensor,
     jobs: list[DecodeJob],
     prefixes: list[list[int]],
-) -> tuple[list[list[int]], list[float], list[float], list[bool]]:
+) -> tuple[list[list[int]], list[list[float]], list[float], list[float], list[bool]]:
     """The decoding loop: left-padded prefixes, one step for all active rows at a time.
 
     Rows leave the batch (and the KV cache) as soon as they emit <|endoftext|> or use up their
@@ -259,6 +260,7 @@ def _sample(
     rules = _Rules(vocab, jobs, device, logits.shape[-1])
     temperatures = torch.tensor([job.temperature for job in jobs], device=device)
     sampled = [list(job.resume) for job in jobs]
+    token_logprobs = [list(job.resume_logprobs) for job in jobs]
     sum_logprobs = [job.resume_logprob for job in jobs]
     # Tokens a window may sample in all: SAMPLE_LEN, and no more than the decoder's context
     # holds after its prefix (openai-whisper stops once the sequence outgrows n_text_ctx; a
@@ -291,6 +293,7 @@ def _sample(
             if token == vocab.eot:
                 continue
             sampled[index].append(token)
+            token_logprobs[index].append(chosen_logprobs[row])
             if step < last_step[index]:
                 unfinished.append(row)
             elif len(sampled[index]) < window_limit[index]:
@@ -316,7 +319,7 @@ def _sample(
         )
         cache = out.past_key_values
         logits = model.proj_out(out.last_hidden_state[:, -1]).float()
-    return sampled, sum_logprobs, no_speech, done
+    return sampled, token_logprobs, sum_logprobs, no_speech, done
 
 
 class _Rules:

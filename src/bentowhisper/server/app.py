@@ -169,7 +169,7 @@ async def _transcribe(request: Request, *, translation: bool) -> Response:
                 pass
 
         if isinstance(params, TranscriptionRequest) and params.stream:
-            return _EventStream(_sse(run.stream(events, disconnected)), run)
+            return _EventStream(_sse(run.stream(events, disconnected), params), run)
         done = await run.complete(events, disconnected)
     body, media_type = formats.render(done.transcription, params)
     if isinstance(body, dict):
@@ -201,7 +201,9 @@ async def _parse(
     return params, await upload.read()
 
 
-async def _sse(events: AsyncIterator[TranscriptionEvent | OpenAIError]) -> AsyncIterator[bytes]:
+async def _sse(
+    events: AsyncIterator[TranscriptionEvent | OpenAIError], params: TranscriptionRequest
+) -> AsyncIterator[bytes]:
     """Server-sent events: a delta per decoded segment, then the full text with usage; a
     failure as OpenAI's error payload (the SDK raises on it).
 
@@ -211,10 +213,14 @@ async def _sse(events: AsyncIterator[TranscriptionEvent | OpenAIError]) -> Async
     async for event in events:
         if isinstance(event, SegmentDecoded):
             text = event.segment.text
-            yield formats.sse(TranscriptTextDelta(delta=text.lstrip() if first else text))
+            delta = TranscriptTextDelta(
+                delta=text.lstrip() if first else text,
+                logprobs=formats.logprobs([event.segment], params),
+            )
+            yield formats.sse(delta)
             first = False
         elif isinstance(event, TranscriptionDone):
-            yield formats.sse(formats.done_event(event.transcription))
+            yield formats.sse(formats.done_event(event.transcription, params))
         else:
             yield formats.sse(event.to_dict())
 

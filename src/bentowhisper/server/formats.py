@@ -20,6 +20,7 @@ from .protocol import (
     BadRequest,
     DiarizedSegmentModel,
     TranscriptionDiarized,
+    TokenLogprob,
     TranscriptionJSON,
     TranscriptionRequest,
     TranscriptionSegmentModel,
@@ -45,12 +46,14 @@ def render(
 
     ``speakers``: the diarized segments, which ``diarized_json`` needs (and only it).
 
-    ``include=["logprobs"]`` adds nothing: the result carries no per-token log-probabilities
-    (OpenAI itself only returns them for its gpt-4o models, not whisper-1).
+    ``include=["logprobs"]`` adds the text tokens' log-probabilities to ``json``, the only
+    format OpenAI returns them in.
     """
     match request.response_format:
         case "json":
-            body = TranscriptionJSON(text=result.text, usage=usage(result))
+            body = TranscriptionJSON(
+                text=result.text, usage=usage(result), logprobs=logprobs(result.segments, request)
+            )
             return body.model_dump(exclude_none=True), JSON_MEDIA_TYPE
         case "verbose_json":
             return verbose_json(result, request), JSON_MEDIA_TYPE
@@ -179,9 +182,22 @@ def vtt(segments: list[Segment]) -> str:
     return "WEBVTT\n\n" + "".join(f"{timing}\n{text}\n\n" for timing, text in _cues(segments, "."))
 
 
-def done_event(result: Transcription) -> TranscriptTextDone:
-    """The last stream event: the whole text and the same usage as ``json``."""
-    return TranscriptTextDone(text=result.text, usage=usage(result))
+def done_event(
+    result: Transcription, request: TranscriptionRequest | TranslationRequest
+) -> TranscriptTextDone:
+    """The last stream event: the whole text and the same usage (and logprobs) as ``json``."""
+    return TranscriptTextDone(
+        text=result.text, usage=usage(result), logprobs=logprobs(result.segments, request)
+    )
+
+
+def logprobs(
+    segments: list[Segment], request: TranscriptionRequest | TranslationRequest
+) -> list[TokenLogprob] | None:
+    """The segments' token log-probabilities where ``include[]=logprobs`` asked for them."""
+    if "logprobs" not in getattr(request, "include", ()):
+        return None
+    return [TokenLogprob(**vars(item)) for segment in segments for item in segment.logprobs]
 
 
 def sse(event: BaseModel | dict) -> bytes:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..transcript import Segment, Transcription, Word
+from ..transcript import Segment, TokenLogprob, Transcription, Word
 from ..vocabulary import Vocabulary
 from ..wire import N_FRAMES, DecodeJob, DecodeResult
 from .audio import SAMPLE_RATE
@@ -272,9 +272,10 @@ def _split_segments(
     ratio = compression_ratio(window_text)
     content_end = offset + segment_size * HOP_LENGTH / SAMPLE_RATE
 
-    def make(piece: list[int], start: float, end: float) -> Segment:
+    def make(lo: int, hi: int, start: float, end: float) -> Segment:
         # a closing timestamp may lie past the end of the audio (a short last window)
         end = max(start, min(end, content_end))
+        piece = tokens[lo:hi]
         return Segment(
             id=0,
             seek=seek,
@@ -286,16 +287,16 @@ def _split_segments(
             avg_logprob=result.avg_logprob,
             compression_ratio=ratio,
             no_speech_prob=result.no_speech_prob,
+            logprobs=_token_logprobs(vocab, piece, result.token_logprobs[lo:hi]),
         )
 
     if boundaries:
         cuts = boundaries + ([len(tokens)] if single_ending else [])
         segments, last = [], 0
         for cut in cuts:
-            piece = tokens[last:cut]
-            start = offset + (piece[0] - ts_begin) * vocab.time_precision
-            end = offset + (piece[-1] - ts_begin) * vocab.time_precision
-            segments.append(make(piece, start, end))
+            start = offset + (tokens[last] - ts_begin) * vocab.time_precision
+            end = offset + (tokens[cut - 1] - ts_begin) * vocab.time_precision
+            segments.append(make(last, cut, start, end))
             last = cut
         if single_ending:
             return segments, segment_size
@@ -305,7 +306,19 @@ def _split_segments(
     timestamps = [t for t in tokens if t >= ts_begin]
     if timestamps and timestamps[-1] != ts_begin:
         duration = (timestamps[-1] - ts_begin) * vocab.time_precision
-    return [make(tokens, offset, offset + duration)], segment_size
+    return [make(0, len(tokens), offset, offset + duration)], segment_size
+
+
+def _token_logprobs(
+    vocab: Vocabulary, tokens: list[int], logprobs: list[float]
+) -> list[TokenLogprob]:
+    """``include[]=logprobs``: each text token's text, log-probability and UTF-8 bytes (a
+    result without per-token log-probabilities, e.g. a test's, gives none)."""
+    return [
+        TokenLogprob(text, logprob, list(text.encode()))
+        for token, logprob in zip(tokens, logprobs, strict=False)
+        if token < vocab.eot and (text := vocab.decode([token]))
+    ]
 
 
 def _add_words(

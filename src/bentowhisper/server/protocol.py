@@ -216,7 +216,7 @@ class TranscriptionRequest(_AudioRequest):
     # Declared after response_format, so the validator below can see it.
     timestamp_granularities: list[TimestampGranularity] = Field(default_factory=lambda: ["segment"])
     stream: bool = False
-    # Accepted for compatibility; Whisper has no per-token logprobs to return (see formats.py).
+    # ["logprobs"]: json and stream events carry each text token's log-probability.
     include: list[Include] = Field(default_factory=list)
     chunking_strategy: ChunkingStrategy | None = None
     # Diarization (transcriptions only): speakers named by 2-10 s samples of their voice. The
@@ -526,12 +526,14 @@ class TranscriptionVerbose(BaseModel):
 class TranscriptTextDelta(BaseModel):
     type: Literal["transcript.text.delta"] = "transcript.text.delta"
     delta: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 class TranscriptTextDone(BaseModel):
     type: Literal["transcript.text.done"] = "transcript.text.done"
     text: str
     usage: TranscriptionUsage | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class DiarizedSegmentModel(BaseModel):
