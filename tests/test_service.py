@@ -280,7 +280,7 @@ def assert_token_logprobs(logprobs, text: str) -> None:
     assert logprobs, "no logprobs"
     for item in logprobs:
         assert item.logprob <= 0.0 and item.logprob > -50, item
-        assert bytes(item.bytes) == item.token.encode(), item
+        assert bytes(int(b) for b in item.bytes) == item.token.encode(), item  # SDK: floats
     assert "".join(item.token for item in logprobs).strip() == text.strip()
 
 
