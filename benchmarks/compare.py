@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from server import free_port, start_server  # noqa: E402 - the test suite's server harness
+from support import free_port, start_server  # noqa: E402 - the test suite's server harness
 
 PY = sys.executable
 PEER_PY = REPO / "benchmarks/peer/.venv/bin/python"

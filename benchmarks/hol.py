@@ -149,6 +149,7 @@ class HolSettings:
     response_format: str = "json"
     timeout_s: float = 300.0
     short_clients: int = 2
+    long_clients: int = 1
     short_requests: int = 20
     warmup: int = 0
     max_loaded_requests: int = 200
@@ -207,18 +208,27 @@ async def run(s: HolSettings, short: tuple[str, bytes], long: tuple[str, bytes],
         loaded_start = time.monotonic()
         # The long request may take longer than --timeout: only --max-seconds bounds it.
         long_timeout = deadline - time.monotonic()
-        long_task = asyncio.create_task(transcribe(client, s, *long, long_timeout))
-        await asyncio.wait([long_task], timeout=s.head_start_s)
+        long_tasks = [
+            asyncio.create_task(transcribe(client, s, *long, long_timeout))
+            for _ in range(s.long_clients)
+        ]
+        await asyncio.wait(long_tasks, timeout=s.head_start_s)
         count = iter(range(s.max_loaded_requests))
 
+        def long_running() -> bool:  # short requests count as loaded while every long one runs
+            return not any(task.done() for task in long_tasks)
+
         async def loaded_client() -> None:
-            while not long_task.done() and remaining() > 1.0 and next(count, None) is not None:
+            while long_running() and remaining() > 1.0 and next(count, None) is not None:
                 t0 = time.monotonic() - loaded_start
                 outcome, latency = await transcribe(client, s, *short, remaining())
                 loaded.append(Shot(t0, latency, outcome))
 
         await asyncio.gather(*(loaded_client() for _ in range(s.short_clients)))
-        long_outcome, long_latency = await long_task
+        finished = await asyncio.gather(*long_tasks)
+        failed = [outcome for outcome, _ in finished if outcome != "ok"]
+        long_outcome = failed[0] if failed else "ok"
+        long_latency = max(latency for _, latency in finished)
         log(f"loaded: {phase_summary(loaded)}; long: {long_outcome} in {long_latency:.2f}s")
     finally:
         await client.close()
@@ -249,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="manifest groups concatenated by --make-long",
     )
     p.add_argument("--short-clients", type=int, default=2, help="concurrent short clients")
+    p.add_argument("--long-clients", type=int, default=1, help="long requests at once")
     p.add_argument("--short-requests", type=int, default=20, help="short requests when idle")
     p.add_argument("--warmup", type=int, default=0, help="short requests first, not counted")
     p.add_argument("--max-loaded-requests", type=int, default=200)
@@ -294,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             response_format=args.response_format,
             timeout_s=args.timeout,
             short_clients=args.short_clients,
+            long_clients=args.long_clients,
             short_requests=args.short_requests,
             warmup=args.warmup,
             max_loaded_requests=args.max_loaded_requests,

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from support import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
 EXPECTED = "ask not what your country can do for you"

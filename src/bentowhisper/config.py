@@ -47,7 +47,9 @@ class Settings:
     # "auto": fp16 on GPUs; bf16 on CPUs with bf16 instructions, else fp32 (models.resolve_dtype)
     dtype: str = "auto"
     attn_implementation: str = "hybrid"  # SDPA plus matmuls for 1-token steps (attention.py)
-    quantization: str = "none"  # "int8": dynamic int8 linear layers (CPU only)
+    # "auto": the fastest that keeps accuracy for the CPU found (engine/speed.py); "none";
+    # "int8" (all linear layers) or "int8:<parts>" (encoder, decoder, proj_out), CPU only
+    quantization: str = "auto"
     # Adaptive batching of 30 s windows across requests.
     max_batch_size: int = 8
     max_latency_ms: int = 60_000
@@ -65,6 +67,12 @@ class Settings:
     # Bearer keys; empty means no authentication.
     api_keys: list[str] = field(default_factory=list)
     api_key_file: str = ""
+    # Realtime transcription sessions (WebSocket /v1/realtime).
+    realtime_max_sessions: int = 32  # per API worker; beyond it the handshake gets 429
+    realtime_max_turn_s: float = 30.0  # server VAD cuts a turn here; manual buffers stop here
+    realtime_idle_timeout_s: float = 60.0  # a session with no client event this long is closed
+    realtime_max_message_kb: float = 1024.0  # larger messages get an error event, unapplied
+    realtime_partial_interval_ms: int = 700  # a growing turn is re-decoded at most this often
 
     @property
     def max_upload_bytes(self) -> int:

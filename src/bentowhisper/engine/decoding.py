@@ -9,7 +9,9 @@ A job may carry a step budget (``max_steps``): it then comes back unfinished (``
 after that many tokens and is resubmitted with its tokens so far (``resume``). A long file's
 windows are decoded in such slices so that no batch is held for a whole 30 s window while
 short requests wait behind it; an :class:`EncoderCache` keeps the window's encoder output
-between slices, and a slice that lands on another replica simply encodes the window again.
+between slices, so a resumed slice comes without its features. When the cache no longer holds
+it (evicted, or the slice landed on another replica) the item comes back ``evicted`` and the
+caller sends it again with the features.
 
 The decoding rules follow openai-whisper's ``DecodingTask`` (greedy at temperature 0, sampling
 above it, the blank/special-token suppression and the timestamp rules), vectorised over the
@@ -55,6 +57,9 @@ class EncoderCache:
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
+    def __contains__(self, key: str | None) -> bool:
+        return key is not None and key in self._items
+
     def discard(self, key: str | None) -> None:
         self._items.pop(key, None)
 
@@ -72,6 +77,19 @@ def decode_batch(
     """
     if not jobs:
         return []
+    # a resumed slice without features whose encoder output is gone: the caller resends it
+    evicted = {
+        i
+        for i, job in enumerate(jobs)
+        if job.features is None and (cache is None or job.key not in cache)
+    }
+    if evicted:
+        rest = [job for i, job in enumerate(jobs) if i not in evicted]
+        decoded = iter(decode_batch(bundle, rest, cache))
+        return [
+            DecodeResult.evicted_for(job) if i in evicted else next(decoded)
+            for i, job in enumerate(jobs)
+        ]
     try:
         with torch.inference_mode():
             return _decode(bundle, jobs, cache)

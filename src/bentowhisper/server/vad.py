@@ -17,7 +17,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib.resources import files
+from importlib.util import find_spec
+from pathlib import Path
 
 import numpy as np
 
@@ -68,9 +69,12 @@ def _session():  # onnxruntime.InferenceSession; run() may be called from severa
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # the export carries unused initializers it warns about
-    model = files("silero_vad") / "data" / MODEL_FILE
+    # find_spec locates the package without running its __init__, which imports torch
+    spec = find_spec("silero_vad")
+    assert spec is not None and spec.submodule_search_locations, "silero-vad is not installed"
+    model = Path(next(iter(spec.submodule_search_locations))) / "data" / MODEL_FILE
     return onnxruntime.InferenceSession(
-        model.read_bytes(), sess_options=options, providers=["CPUExecutionProvider"]
+        str(model), sess_options=options, providers=["CPUExecutionProvider"]
     )
 
 
