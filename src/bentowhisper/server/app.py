@@ -30,6 +30,7 @@ from ..transcript import Segment
 from ..vocabulary import Vocabulary
 from . import formats
 from .audio import AudioDecodeError, decode_audio
+from .chunked import request_segments
 from .longform import (
     SAMPLE_RATE,
     DecodeError,
@@ -38,7 +39,6 @@ from .longform import (
     TranscribeOptions,
     TranscriptionInfo,
     to_transcription,
-    transcribe_segments,
 )
 from .metrics import metrics
 from .protocol import (
@@ -251,8 +251,15 @@ async def _serve(
         options = _options(params, backend.vocab, backend.settings.slice_tokens)
         audio = await _decode_upload(data, backend.settings)
         info = TranscriptionInfo(duration=len(audio) / SAMPLE_RATE)
-        segments = transcribe_segments(
-            audio, options, backend.decode, backend.vocab, backend.features, info
+        segments = request_segments(
+            audio,
+            getattr(params, "chunking_strategy", None),  # translations: the setting decides
+            options,
+            backend.decode,
+            backend.vocab,
+            backend.features,
+            info,
+            backend.settings,
         )
         if isinstance(params, TranscriptionRequest) and params.stream:
             # the stream outlives this handler, so it holds a slot of its own
