@@ -22,7 +22,7 @@ PIP_INSTALL = $(VENV)/bin/python -m pip install --no-compile --prefer-binary --n
 # Written last by the install, so an interrupted install is redone; redone when pyproject changes.
 STAMP := $(VENV)/.bentowhisper-installed
 
-.PHONY: help .venv serve test lint bench constraints
+.PHONY: help .venv serve test lint bench constraints gpu-bundle
 
 help:
 	@echo "make serve   start the service on port $(PORT) (PORT=...; model and settings: configs/, BENTOWHISPER_*)"
@@ -30,6 +30,7 @@ help:
 	@echo "make lint    ruff check + ruff format --check"
 	@echo "make bench   engine real-time factor benchmark (docs/benchmarks.md)"
 	@echo "make .venv   create $(VENV): CPU torch first, then the project with [embedded,test]"
+	@echo "make gpu-bundle  pack .gpu-bundle/ for benchmarks/gpu_check.sh on a lent GPU (docs/benchmarks.md)"
 	@echo "make constraints  re-pin $(CONSTRAINTS) from $(VENV) after a dependency change"
 
 .venv: $(STAMP)
@@ -51,7 +52,7 @@ constraints:
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 serve: .venv
-	BENTOML_DO_NOT_TRACK=true $(VENV)/bin/bentoml serve service:BentoWhisper --port $(PORT)
+	$(VENV)/bin/bentowhisper serve --port $(PORT)
 
 test: .venv
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
@@ -62,3 +63,7 @@ lint: .venv
 
 bench: .venv
 	$(VENV)/bin/python benchmarks/rtf.py $(BENCH_ARGS)
+
+# What benchmarks/gpu_check.sh needs on the device tool's GPU machine (no network there).
+gpu-bundle: .venv
+	$(VENV)/bin/python benchmarks/gpu_check.py bundle

@@ -25,13 +25,11 @@ from bentowhisper.engine.checkpoints import EMBEDDED, ensure_converted
 from bentowhisper.engine.decoding import EncoderCache, decode_batch
 from bentowhisper.engine.loading import WhisperBundle, load_whisper
 from bentowhisper.server.audio import decode_audio
-from bentowhisper.server.chunked import request_segments
+from bentowhisper.server.chunked import request_events
+from bentowhisper.server.features import LogMel
 from bentowhisper.server.longform import (
-    SAMPLE_RATE,
     TranscribeOptions,
-    TranscriptionInfo,
-    log_mel,
-    to_transcription,
+    TranscriptionDone,
 )
 from bentowhisper.wire import DecodeJob, DecodeResult
 
@@ -74,18 +72,16 @@ async def run_group(
 ) -> tuple[list[str], float]:
     settings = load_settings({"BENTOWHISPER_MAX_CHUNKS_IN_FLIGHT": str(in_flight)})
     decode = Batcher(bundle, max_batch)
-    features = log_mel(bundle.feature_extractor)
+    features = LogMel.from_checkpoint(bundle.checkpoint)
     options = TranscribeOptions(language="en", slice_tokens=settings.slice_tokens)
 
     async def one(clip: dict) -> str:
         audio = decode_audio(EVAL / clip["path"])
-        info = TranscriptionInfo(duration=len(audio) / SAMPLE_RATE)
-        segments = request_segments(
-            audio, strategy, options, decode, bundle.vocab, features, info, settings
-        )
-        async for _ in segments:
-            pass
-        return to_transcription(info, options).text
+        events = request_events(audio, strategy, options, decode, bundle.vocab, features, settings)
+        async for event in events:
+            if isinstance(event, TranscriptionDone):
+                return event.transcription.text
+        raise AssertionError("no TranscriptionDone")
 
     started = time.perf_counter()
     texts = await asyncio.gather(*(one(clip) for clip in clips))

@@ -45,7 +45,8 @@ from bentowhisper.engine.checkpoints import EMBEDDED, ensure_converted
 from bentowhisper.engine.decoding import decode_batch
 from bentowhisper.engine.loading import WhisperBundle, load_whisper
 from bentowhisper.server.audio import decode_audio
-from bentowhisper.server.longform import HOP_LENGTH, WINDOW_SAMPLES, log_mel
+from bentowhisper.server.features import LogMel
+from bentowhisper.server.longform import HOP_LENGTH, WINDOW_SAMPLES
 from bentowhisper.wire import DecodeJob
 
 ENGLISH_DEV = ["en_ljspeech", "en_librispeech", "en_misc", "fleurs_en"]
@@ -101,7 +102,7 @@ def timing(bundle: WhisperBundle) -> Iterator[Stopwatch]:
 
 
 def window_job(bundle: WhisperBundle, audio) -> DecodeJob:
-    mel = log_mel(bundle.feature_extractor)(audio[:WINDOW_SAMPLES])
+    mel = LogMel.from_checkpoint(bundle.checkpoint)(audio[:WINDOW_SAMPLES])
     return DecodeJob.for_window(
         mel, language="en", num_frames=min(len(audio), WINDOW_SAMPLES) // HOP_LENGTH
     )

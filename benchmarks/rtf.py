@@ -1,7 +1,7 @@
 """Real-time factor of the transcription engine, in-process (no server, no HTTP).
 
 For each embedded model (tiny.en, base) and clip (jfk, 11 s; a 110 s long-form read), it runs
-the engine's own long-form loop (:func:`bentowhisper.server.longform.transcribe_segments` with
+the engine's own long-form loop (:func:`bentowhisper.server.longform.transcribe` with
 ``decode_batch``) once to warm up and then ``--repeats`` times, and reports the median wall time
 and the real-time factor RTF = audio seconds / wall seconds ("x real time"; higher is faster).
 
@@ -40,13 +40,12 @@ from bentowhisper.engine.checkpoints import EMBEDDED, ensure_converted
 from bentowhisper.engine.decoding import decode_batch
 from bentowhisper.engine.loading import WhisperBundle, load_whisper
 from bentowhisper.server.audio import SAMPLE_RATE, decode_audio
+from bentowhisper.server.features import LogMel
 from bentowhisper.server.longform import (
     DecodeFn,
     TranscribeOptions,
-    TranscriptionInfo,
-    log_mel,
-    to_transcription,
-    transcribe_segments,
+    TranscriptionDone,
+    transcribe,
 )
 from bentowhisper.wire import DecodeJob, DecodeResult
 
@@ -138,13 +137,11 @@ class MicroBatcher:
 
 async def transcribe_once(
     audio: np.ndarray, bundle: WhisperBundle, decode: DecodeFn, language: str | None
-) -> tuple[str, TranscriptionInfo]:
+) -> tuple[str, TranscriptionDone]:
+    features = LogMel.from_checkpoint(bundle.checkpoint)
     options = TranscribeOptions(language=language)
-    info = TranscriptionInfo(duration=len(audio) / SAMPLE_RATE)
-    features = log_mel(bundle.feature_extractor)
-    async for _ in transcribe_segments(audio, options, decode, bundle.vocab, features, info):
-        pass
-    return to_transcription(info, options).text, info
+    done = await transcribe(audio, options, decode, bundle.vocab, features)
+    return done.transcription.text, done
 
 
 def timed(coro_factory, repeats: int) -> tuple[list[float], object]:
@@ -171,7 +168,7 @@ def bench_clip(bundle, audio, language, repeats) -> dict:
         "rtf": round(seconds / wall, 2),
         "windows": info.windows,
         "fallbacks": info.fallbacks,
-        "language": info.language,
+        "language": info.transcription.language,
         "text": text,
     }
 

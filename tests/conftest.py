@@ -1,32 +1,25 @@
-"""Shared test fixtures: the eval set location and the converted embedded models."""
+"""Shared test fixtures: the converted embedded models and the session's server.
+
+Helpers live in ``support.py``; this module only defines fixtures. In CI (``CI`` set) a
+missing evaluation set fails the run at once instead of letting its tests skip.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-# The shared eval set sits beside the repository (``<clone>/../shared/eval``), wherever the
-# repository is cloned; BENTOWHISPER_EVAL_DIR points elsewhere when set.
-EVAL_DIR = Path(
-    os.environ.get("BENTOWHISPER_EVAL_DIR")
-    or Path(__file__).resolve().parents[2] / "shared" / "eval"
-)
+from support import EVAL_DIR, REPO_ROOT, start_server
 
 
-def reference(clip_id: str) -> str:
-    """The human reference transcript of ``clip_id`` from the eval manifest."""
-    with open(EVAL_DIR / "manifest.jsonl", encoding="utf-8") as manifest:
-        for line in manifest:
-            entry = json.loads(line)
-            if entry["id"] == clip_id:
-                return entry["text"]
-    raise KeyError(clip_id)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.environ.get("CI") and not (EVAL_DIR / "manifest.jsonl").is_file():
+        raise pytest.UsageError(
+            f"the evaluation set is missing at {EVAL_DIR} (set BENTOWHISPER_EVAL_DIR): in CI"
+            " its tests must run, not skip"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +42,7 @@ def server(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     """``bentoml serve service:BentoWhisper`` on a free port, started from the repository root
     as a user would, and ready (``GET /readyz`` answered 200).
 
-    Yields a :class:`server.BentoServer`: ``.url`` (``http://127.0.0.1:PORT``), ``.base_url``
+    Yields a :class:`support.BentoServer`: ``.url`` (``http://127.0.0.1:PORT``), ``.base_url``
     (``.url + "/v1"``), ``.port``, ``.log_path``, ``.log_tail()``, ``.track()``. Settings: the
     CPU profile with the converted models reused, ``BENTOWHISPER_MAX_UPLOAD_MB=4`` and
     ``BENTOWHISPER_API_KEY_FILE`` at ``.api_key_file``: empty (no authentication, so the README's
@@ -58,8 +51,6 @@ def server(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     (workers, FFmpeg) is still running.
     """
     import warnings
-
-    from server import start_server
 
     tmp = tmp_path_factory.mktemp("bentoml-serve")
     env = {

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EVAL_DIR
+from support import EVAL_DIR
 
 from bentowhisper.engine.attention import NAME, hybrid_attention_forward
 from bentowhisper.engine.decoding import decode_batch
 from bentowhisper.engine.loading import load_whisper
 from bentowhisper.server.audio import decode_audio
-from bentowhisper.server.longform import log_mel
+from bentowhisper.server.features import LogMel
 from bentowhisper.wire import DecodeJob
 
 
@@ -65,7 +65,7 @@ def test_decodes_the_same_tokens_as_sdpa_in_fp32(converted_models_dir) -> None:
             attn_implementation=implementation,
         )
         assert bundle.model.config._attn_implementation == implementation
-        mel = log_mel(bundle.feature_extractor)(audio)
+        mel = LogMel.from_checkpoint(bundle.checkpoint)(audio)
         prompt = bundle.vocab.encode(" President Kennedy's inaugural address, 1961.")
         jobs = [DecodeJob.for_window(mel), DecodeJob.for_window(mel, prompt=prompt)]
         results[implementation] = decode_batch(bundle, jobs)

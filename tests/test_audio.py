@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from support import ENCODINGS, EVAL_DIR
 
 from bentowhisper.server import audio
 from bentowhisper.server.audio import (
@@ -35,7 +36,6 @@ from bentowhisper.server.audio import (
     find_ffmpeg,
 )
 
-EVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "eval"
 JFK = EVAL_DIR / "audio" / "en_misc" / "jfk.flac"
 LONGFORM = EVAL_DIR / "audio" / "longform" / "ljspeech_LJ001-0001_to_0016.flac"
 JFK_SECONDS = 11.0
@@ -43,19 +43,6 @@ JFK_SECONDS = 11.0
 needs_eval = pytest.mark.skipif(not JFK.exists(), reason=f"eval audio not found at {EVAL_DIR}")
 
 # name -> (file name, FFmpeg output options). "mpga" is added as a copy of the mp3 bytes.
-ENCODINGS: dict[str, tuple[str, list[str]]] = {
-    "wav": ("jfk.wav", ["-c:a", "pcm_s16le"]),
-    "flac": ("jfk.flac", ["-c:a", "flac"]),
-    "mp3": ("jfk.mp3", ["-c:a", "libmp3lame", "-b:a", "128k"]),
-    "m4a_faststart": ("jfk_fast.m4a", ["-c:a", "aac", "-b:a", "128k", "-movflags", "+faststart"]),
-    "m4a_moov_at_end": ("jfk_end.m4a", ["-c:a", "aac", "-b:a", "128k"]),
-    "mp4": ("jfk.mp4", ["-c:a", "aac", "-b:a", "128k", "-f", "mp4"]),
-    "mpeg": ("jfk.mpeg", ["-c:a", "mp2", "-b:a", "192k", "-f", "mpeg"]),
-    "ogg": ("jfk.ogg", ["-c:a", "libvorbis", "-q:a", "5"]),
-    "opus": ("jfk.opus", ["-c:a", "libopus", "-b:a", "64k", "-f", "opus"]),
-    "webm": ("jfk.webm", ["-c:a", "libopus", "-b:a", "64k", "-f", "webm"]),
-    "aiff": ("jfk.aiff", ["-c:a", "pcm_s16be", "-f", "aiff"]),
-}
 LOSSLESS = {"wav", "flac", "aiff"}
 
 

@@ -16,25 +16,20 @@ point is the framing, and through the unmodified ``openai`` SDK where a client w
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import socket
 import struct
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
-import imageio_ffmpeg
 import numpy as np
 import openai
 import pytest
-from conftest import EVAL_DIR
+from support import ERROR_KEYS, EVAL_DIR, Part, ffmpeg, http_request, multipart
 
 JFK = EVAL_DIR / "audio/en_misc/jfk.flac"
 GERMAN = EVAL_DIR / "audio/fleurs_de/fleurs-de-000.ogg"
@@ -42,7 +37,6 @@ API_KEY = "test-key"
 BOUND_S = 30.0  # every reply, error or not, must come within this
 PROBE_S = 2.0  # health probes after each case
 UPLOAD_LIMIT = 4 * 1024 * 1024  # BENTOWHISPER_MAX_UPLOAD_MB=4 in the session server
-ERROR_KEYS = {"message", "type", "param", "code"}
 TRANSCRIBE = "/v1/audio/transcriptions"
 TRANSLATE = "/v1/audio/translations"
 ANY = object()  # "don't check this field"
@@ -65,19 +59,6 @@ pytestmark = pytest.mark.skipif(not JFK.exists(), reason=f"eval set not found at
 
 # --------------------------------------------------------------------------------------------
 # Media, made here
-
-
-def ffmpeg(*args: str) -> bytes:
-    """Run the bundled FFmpeg with ``args`` (all but the output) and return what it wrote.
-
-    The output is a real file, not a pipe: the mp4 muxers need to seek back for their index.
-    """
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error"]
-    with tempfile.TemporaryDirectory(prefix="corpus-") as tmp:
-        out = Path(tmp) / "out"
-        done = subprocess.run([*cmd, *args, "-y", str(out)], capture_output=True, timeout=120)
-        assert done.returncode == 0, done.stderr.decode(errors="replace")
-        return out.read_bytes()
 
 
 def wav_bytes(
@@ -201,27 +182,6 @@ class Ctx:
         return httpx.URL(self.url).port or 80
 
 
-Part = tuple[str, bytes | str, str | None, str | None]  # name, value, filename, content type
-
-
-def multipart(parts: Iterable[Part], boundary: str = "corpus-boundary-7d1f") -> tuple[bytes, str]:
-    """A multipart/form-data body written by hand, so that every byte is the test's choice."""
-    out = io.BytesIO()
-    for name, value, filename, content_type in parts:
-        out.write(f"--{boundary}\r\n".encode())
-        disposition = f'Content-Disposition: form-data; name="{name}"'
-        if filename is not None:
-            disposition += f'; filename="{filename}"'
-        out.write(disposition.encode() + b"\r\n")
-        if content_type is not None:
-            out.write(f"Content-Type: {content_type}\r\n".encode())
-        out.write(b"\r\n")
-        out.write(value.encode() if isinstance(value, str) else value)
-        out.write(b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
 def audio_part(data: bytes, filename: str = "audio.wav", content_type: str = "audio/wav") -> Part:
     return ("file", data, filename, content_type)
 
@@ -337,15 +297,6 @@ def _complete(received: bytes) -> bool:
         if name.strip().lower() == "content-length":
             return len(body) >= int(value.strip())
     return False
-
-
-def http_request(method: str, path: str, headers: dict[str, str], body: bytes = b"") -> bytes:
-    lines = [
-        f"{method} {path} HTTP/1.1",
-        "Host: 127.0.0.1",
-        *(f"{k}: {v}" for k, v in headers.items()),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 def lying_length(extra: int) -> Callable[[Ctx], Reply]:

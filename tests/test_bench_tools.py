@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
-
-import numpy as np
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import evaluate as ev
 import hol
 import load
+import numpy as np
+import pytest
 
 # --------------------------------------------------------------------------------------------
 # normalisation

@@ -28,9 +28,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import EVAL_DIR, reference
 from openai import OpenAI
-from server import BentoServer, bentoml_command, free_port
+from support import EVAL_DIR, BentoServer, bentoml_command, free_port, reference
 from whisper_normalizer.english import EnglishTextNormalizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

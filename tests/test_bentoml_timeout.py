@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import time
 import weakref
 
 import pytest
@@ -75,3 +76,24 @@ def test_a_slow_request_still_gets_the_504() -> None:
     sent, _, armed = serve(dawdle, timeout=0.05)
     assert sent[0]["status"] == 504
     assert armed == []
+
+
+async def fail_before_answering(scope, receive, send) -> None:
+    # what BentoML's /readyz does while the model service starts: its dependency probe times out
+    raise TimeoutError("dependency not ready")
+
+
+def test_a_handler_that_fails_before_answering_is_not_held_until_the_timeout() -> None:
+    """BentoML's middleware waits for the first response message only: a handler that raised
+    before answering kept the request until ``traffic.timeout`` (600 s), which then answered
+    nothing ("ASGI callable returned without starting response" in the server log). Now the
+    handler's own error reaches the server at once, which answers 500."""
+    middleware = TimeoutMiddleware(fail_before_answering, timeout=30)
+
+    async def send(message: dict) -> None:
+        raise AssertionError(f"nothing should be sent: {message}")
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="dependency not ready"):
+        asyncio.run(middleware({"type": "http", "path": "/readyz"}, receive, send))
+    assert time.monotonic() - started < 5

@@ -38,17 +38,16 @@ from bentowhisper.server import formats
 from bentowhisper.server.chunked import (
     Chunk,
     Chunking,
-    chunked_segments,
+    chunked_events,
     pack_chunks,
     resolve_chunking,
 )
+from bentowhisper.server.features import LogMel
 from bentowhisper.server.longform import (
     SAMPLE_RATE,
     WINDOW_SAMPLES,
     TranscribeOptions,
-    TranscriptionInfo,
-    log_mel,
-    to_transcription,
+    TranscriptionDone,
 )
 from bentowhisper.server.protocol import (
     BadRequest,
@@ -211,18 +210,18 @@ def chunked(
 ) -> tuple[Transcription, Recorder]:
     recorder = Recorder(bundle)
     opts = TranscribeOptions(slice_tokens=32, **options)
-    info = TranscriptionInfo(duration=len(audio) / SAMPLE_RATE)
 
-    async def main() -> None:
-        features = log_mel(bundle.feature_extractor)
-        segments = chunked_segments(
-            audio, chunking, opts, recorder, bundle.vocab, features, info, max_in_flight
+    async def main() -> Transcription:
+        features = LogMel.from_checkpoint(bundle.checkpoint)
+        events = chunked_events(
+            audio, chunking, opts, recorder, bundle.vocab, features, max_in_flight
         )
-        async for _ in segments:
-            pass
+        async for event in events:
+            if isinstance(event, TranscriptionDone):
+                return event.transcription
+        raise AssertionError("no TranscriptionDone")
 
-    asyncio.run(main())
-    return to_transcription(info, opts), recorder
+    return asyncio.run(main()), recorder
 
 
 def speech_then(noise: Callable[[float, float], np.ndarray], level: float) -> np.ndarray:
@@ -387,10 +386,9 @@ def test_a_closed_stream_stops_decoding(base) -> None:
     audio = load_audio(LONGFORM)
 
     async def main() -> tuple[int, int]:
-        features = log_mel(base.feature_extractor)
-        info = TranscriptionInfo(duration=len(audio) / SAMPLE_RATE)
-        segments = chunked_segments(
-            audio, AUTO, TranscribeOptions(slice_tokens=32), recorder, base.vocab, features, info, 2
+        features = LogMel.from_checkpoint(base.checkpoint)
+        segments = chunked_events(
+            audio, AUTO, TranscribeOptions(slice_tokens=32), recorder, base.vocab, features, 2
         )
         await anext(segments)
         await segments.aclose()  # what StreamingResponse does when the client goes

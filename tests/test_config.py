@@ -7,13 +7,14 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from conftest import EVAL_DIR, REPO_ROOT
+from support import EVAL_DIR, REPO_ROOT
 
 from bentowhisper.config import Settings, load_settings
 from bentowhisper.engine.decoding import decode_batch
 from bentowhisper.engine.loading import load_from_settings
 from bentowhisper.server.audio import decode_audio
-from bentowhisper.server.longform import TranscribeOptions, log_mel, transcribe
+from bentowhisper.server.features import LogMel
+from bentowhisper.server.longform import TranscribeOptions, transcribe
 
 
 def test_cpu_profile_is_the_default() -> None:
@@ -80,11 +81,9 @@ def test_gpu_profile_on_cpu_sized_settings_transcribes(converted_models_dir: Pat
     async def decode(jobs):
         return decode_batch(bundle, jobs)
 
-    result = asyncio.run(
-        transcribe(
-            audio, TranscribeOptions(), decode, bundle.vocab, log_mel(bundle.feature_extractor)
-        )
-    )
+    features = LogMel.from_checkpoint(bundle.checkpoint)
+    done = asyncio.run(transcribe(audio, TranscribeOptions(), decode, bundle.vocab, features))
+    result = done.transcription
     assert "ask not what your country can do for you" in result.text.lower().replace(",", "")
 
 

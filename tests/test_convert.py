@@ -21,7 +21,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
-from conftest import EVAL_DIR
+from support import EVAL_DIR
 
 from bentowhisper.engine import convert, loading
 from bentowhisper.engine.checkpoints import (

@@ -1,7 +1,7 @@
 """Faults: a client that leaves, a model worker that dies, a batch item that fails.
 
 The server tests start their own ``bentoml serve`` with ``tiny.en`` (cheap to decode on a CPU)
-through ``tests/server.py``, each with a temp directory of its own (``TMPDIR``) so that the
+through ``tests/support.py``, each with a temp directory of its own (``TMPDIR``) so that the
 audio decoder's ``bentowhisper-audio-*`` directories can be checked for leftovers, and with
 every process below it tracked so that the module can check that none outlives it:
 
@@ -11,7 +11,13 @@ every process below it tracked so that the module can check that none outlives i
 * SIGKILL of the model worker mid-request: outside a container BentoML's arbiter restarts it
   and the service recovers; with ``BENTOML_CONTAINERIZED`` set (as in BentoML's images) it is
   not restarted, and the health probes must then say so;
-* one failing item of a batch does not fail the others (in-process, ``decode_batch``).
+* one failing item of a batch does not fail the others (in-process, ``decode_batch``);
+* through the app in-process (its counters exposed on ``/metrics`` as the service does): the
+  request time limit, a failing item, a bug and an unavailable model service.
+
+Every fault that a request can meet is tried with ``stream=true`` as well: the stream must end
+with OpenAI's error event where a plain request gets the error status, and the request counter
+must record the status the client met either way.
 
 Figures (stop latency, recovery time, ...) are printed; run with ``-s`` to see them.
 """
@@ -19,7 +25,9 @@ Figures (stop latency, recovery time, ...) are printed; run with ``-s`` to see t
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -32,9 +40,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import EVAL_DIR
-from server import BentoServer, descendants, start_server
-from test_bad_inputs import ERROR_KEYS, ffmpeg, http_request, multipart
+from support import (
+    ERROR_KEYS,
+    EVAL_DIR,
+    BentoServer,
+    descendants,
+    ffmpeg,
+    http_request,
+    metric,
+    multipart,
+    start_server,
+)
 
 JFK = EVAL_DIR / "audio/en_misc/jfk.flac"
 LJ = EVAL_DIR / "audio/en_ljspeech/LJ001-0001.wav"
@@ -49,19 +65,6 @@ pytestmark = pytest.mark.skipif(not LONGFORM.exists(), reason=f"eval set not fou
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    """The sum of a Prometheus metric's samples whose labels include ``labels``."""
-    text = httpx.get(url + "/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        head, _, value = line.rpartition(" ")
-        if all(f'{key}="{wanted}"' in head for key, wanted in labels.items()):
-            total += float(value)
-    return total
 
 
 def decodes(url: str) -> float:
@@ -98,31 +101,59 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.2) -> bool:
 @dataclass
 class Outcome:
     status: int | str  # an HTTP status, or the client error's name
-    body: dict | None
+    body: dict | None  # the JSON body; for a stream its last event
     seconds: float
+    events: list[dict] | None = None  # a stream's events
+    headers: httpx.Headers | None = None
+
+    @property
+    def failed_in_band(self) -> bool:
+        """A stream that answered 200 and then reported an error event."""
+        return self.events is not None and "error" in (self.body or {})
 
 
-def transcribe(url: str, audio: bytes, timeout_s: float) -> Outcome:
-    started = time.monotonic()
-    try:
-        response = httpx.post(
-            url + TRANSCRIBE,
-            files={"file": ("speech.mp3", audio, "audio/mpeg")},
-            data={"model": "whisper-1"},
-            timeout=timeout_s,
-        )
-    except httpx.HTTPError as exc:
-        return Outcome(type(exc).__name__, None, time.monotonic() - started)
+def sse_events(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+def outcome_of(response: httpx.Response, started: float, stream: bool) -> Outcome:
+    seconds = time.monotonic() - started
+    if stream and response.status_code == 200:
+        events = sse_events(response.text)
+        return Outcome(200, events[-1] if events else None, seconds, events)
     try:
         body = response.json()
     except ValueError:
         body = {"raw": response.text[:300]}
-    return Outcome(response.status_code, body, time.monotonic() - started)
+    return Outcome(response.status_code, body, seconds)
+
+
+def transcribe(url: str, audio: bytes, timeout_s: float, *, stream: bool = False) -> Outcome:
+    started = time.monotonic()
+    data = {"model": "whisper-1", **({"stream": "true"} if stream else {})}
+    try:
+        response = httpx.post(
+            url + TRANSCRIBE,
+            files={"file": ("speech.mp3", audio, "audio/mpeg")},
+            data=data,
+            timeout=timeout_s,
+        )
+    except httpx.HTTPError as exc:
+        return Outcome(type(exc).__name__, None, time.monotonic() - started)
+    return outcome_of(response, started, stream)
 
 
 def assert_envelope(outcome: Outcome) -> None:
     assert isinstance(outcome.body, dict) and set(outcome.body) == {"error"}, outcome
     assert set(outcome.body["error"]) == ERROR_KEYS, outcome
+
+
+def requests_by_status(url: str) -> dict[str, float]:
+    """``bentowhisper_requests_total`` of the transcriptions endpoint, by status."""
+    return {
+        status: metric(url, "bentowhisper_requests_total", endpoint="transcriptions", status=status)
+        for status in ("200", "499", "500", "503", "504")
+    }
 
 
 def serve(tmp: Path, converted_models_dir: Path, **env: str) -> BentoServer:
@@ -182,11 +213,16 @@ def tiny_server(converted_models_dir, tmp_path_factory) -> Iterator[BentoServer]
 # (a) The client leaves
 
 
-def test_client_disconnect_stops_decoding(tiny_server, long_audio):
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_client_disconnect_stops_decoding(tiny_server, long_audio, stream):
     url = tiny_server.url
-    body, content_type = multipart(
-        [("file", long_audio["5min"], "long.mp3", "audio/mpeg"), ("model", "whisper-1", None, None)]
-    )
+    parts = [
+        ("file", long_audio["5min"], "long.mp3", "audio/mpeg"),
+        ("model", "whisper-1", None, None),
+    ]
+    if stream:
+        parts.append(("stream", "true", None, None))
+    body, content_type = multipart(parts)
     headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
     before = decodes(url)
     closed_before = metric(url, "bentowhisper_requests_total", status="499")
@@ -208,7 +244,8 @@ def test_client_disconnect_stops_decoding(tiny_server, long_audio):
         time.sleep(0.1)
     stop_latency = changes[-1][0] if changes else 0.0
     print(
-        f"\n[disconnect] windows decoded before the close: {at_close:.0f}, after: "
+        f"\n[disconnect, {'stream' if stream else 'plain'}] windows decoded before the close:"
+        f" {at_close:.0f}, after: "
         f"{last - at_close:.0f}; decoding stopped {stop_latency:.2f} s after the close "
         "(the 5 min file needs >= 10)"
     )
@@ -237,8 +274,15 @@ def test_model_worker_killed_mid_request_is_restarted(tiny_server, long_audio):
     (victim,) = model_workers(tiny_server)
     before = decodes(url)
 
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = [pool.submit(transcribe, url, long_audio["90s"], 120.0) for _ in range(3)]
+    counted = requests_by_status(url)
+    streams = [False, False, True, True]
+    # A decode call waits up to 2 x max_latency_ms (120 s) for a worker before it gives up
+    # with a 503, and a restarted worker loads its model first: allow for both.
+    with ThreadPoolExecutor(max_workers=len(streams)) as pool:
+        futures = [
+            pool.submit(transcribe, url, long_audio["90s"], 300.0, stream=stream)
+            for stream in streams
+        ]
         assert wait_for(lambda: decodes(url) >= before + 1, timeout_s=60), "no decoding"
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -258,10 +302,17 @@ def test_model_worker_killed_mid_request_is_restarted(tiny_server, long_audio):
         assert outcome.status == 200 or (
             isinstance(outcome.status, int) and 500 <= outcome.status < 600
         ), outcome
-        if outcome.status == 200:
+        if outcome.status == 200 and not outcome.failed_in_band:
             assert "printing" in outcome.body["text"].lower(), outcome
         else:
             assert_envelope(outcome)
+            assert outcome.body["error"]["type"] == "server_error", outcome
+    # Counted with the status each client met: a stream that failed after its 200 as a 5xx.
+    after = requests_by_status(url)
+    delta = {status: after[status] - counted[status] for status in after}
+    succeeded = sum(o.status == 200 and not o.failed_in_band for o in outcomes)
+    assert delta["200"] == succeeded, (delta, outcomes)
+    assert delta["500"] + delta["503"] + delta["504"] == len(outcomes) - succeeded, delta
 
     # Recovered: healthy, and a new request succeeds.
     assert wait_for(lambda: probe(url, "/readyz") == 200, 60)
@@ -278,11 +329,12 @@ def test_a_failing_batch_item_does_not_fail_the_others(converted_models_dir):
     from bentowhisper.engine.decoding import decode_batch
     from bentowhisper.engine.loading import load_whisper
     from bentowhisper.server.audio import decode_audio
-    from bentowhisper.server.longform import WINDOW_SAMPLES, log_mel
+    from bentowhisper.server.features import LogMel
+    from bentowhisper.server.longform import WINDOW_SAMPLES
     from bentowhisper.wire import DecodeJob
 
     bundle = load_whisper(str(converted_models_dir / "tiny.en"), device="cpu", dtype="float32")
-    features = log_mel(bundle.feature_extractor)
+    features = LogMel.from_checkpoint(bundle.checkpoint)
 
     def window(path: Path) -> DecodeJob:
         samples = decode_audio(path)[:WINDOW_SAMPLES]
@@ -290,7 +342,7 @@ def test_a_failing_batch_item_does_not_fail_the_others(converted_models_dir):
         return DecodeJob.for_window(features(padded), language="en")
 
     good = [window(JFK), window(LJ)]
-    truncated = good[0].model_copy(update={"features": good[0].features[:-4]})
+    truncated = DecodeJob(features=good[0].features[:-4], language="en")
     wrong_mels = DecodeJob.for_window(np.zeros((128, 3000), np.float32), language="en")
 
     alone = [decode_batch(bundle, [job])[0] for job in good]
@@ -309,18 +361,74 @@ def test_a_failing_batch_item_does_not_fail_the_others(converted_models_dir):
 
 
 # --------------------------------------------------------------------------------------------
-# The request time limit (in-process: the app with a model that never answers)
+# Through the app in-process: the time limit, a failing item, a bug, an unavailable model
 
 
-def test_request_over_the_time_limit_gets_a_504_envelope(converted_models_dir):
-    """BentoML's own 504 at ``traffic.timeout`` has a body that is not OpenAI's envelope: the
-    app answers one second before it, in the envelope, and cancels the decoding."""
+@pytest.fixture(scope="module")
+def tiny_vocab(converted_models_dir):
+    from bentowhisper.vocabulary import load_vocabulary
+
+    return load_vocabulary(str(converted_models_dir / "tiny.en"))
+
+
+def in_process(vocab, decode, request_timeout_s: float = 600.0):
+    """The app with ``decode`` as its model service and the process's counters on /metrics."""
+    from prometheus_client import make_asgi_app
     from starlette.testclient import TestClient
 
     from bentowhisper.config import Settings
-    from bentowhisper.server.app import Admission, Backend, create_app
-    from bentowhisper.vocabulary import load_vocabulary
+    from bentowhisper.server.app import create_app
+    from bentowhisper.server.serving import Admission, Backend
 
+    app = create_app()
+    app.mount("/metrics", make_asgi_app())
+    app.state.backend = Backend(
+        settings=Settings(model="tiny.en", request_timeout_s=request_timeout_s),
+        vocab=vocab,
+        features=lambda window: np.zeros((80, 3000), np.float32),
+        decode=decode,
+        admission=Admission(4),
+    )
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def post_jfk(client, stream: bool) -> Outcome:
+    started = time.monotonic()
+    response = client.post(
+        TRANSCRIBE,
+        files={"file": ("jfk.flac", JFK.read_bytes(), "audio/flac")},
+        data={"model": "tiny.en", **({"stream": "true"} if stream else {})},
+    )
+    outcome = outcome_of(response, started, stream)
+    outcome.headers = response.headers
+    return outcome
+
+
+def counted(client, status: int) -> float:
+    text = client.get("/metrics/").text
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith("bentowhisper_requests_total{") and f'status="{status}"' in line
+    )
+
+
+def assert_failed(outcome: Outcome, stream: bool, status: int) -> dict:
+    """The client-visible failure: the status, or for a stream a 200 whose last event is the
+    error (after no transcript); OpenAI's envelope either way."""
+    assert outcome.status == (200 if stream else status), outcome
+    assert_envelope(outcome)
+    if stream:
+        assert outcome.failed_in_band and outcome.events[-1] is outcome.body, outcome
+        assert not any(event.get("type") == "transcript.text.done" for event in outcome.events)
+    return outcome.body["error"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_request_over_the_time_limit_is_stopped_with_a_504(tiny_vocab, stream):
+    """BentoML's own 504 at ``traffic.timeout`` has a body that is not OpenAI's envelope: the
+    app answers one second before it, in the envelope (a stream: its error event), and cancels
+    the decoding."""
     calls: list[str] = []
 
     async def never(jobs):
@@ -331,28 +439,75 @@ def test_request_over_the_time_limit_gets_a_504_envelope(converted_models_dir):
             calls.append("cancelled")
             raise
 
-    app = create_app()
-    app.state.backend = Backend(
-        settings=Settings(model="tiny.en", request_timeout_s=2.5),
-        vocab=load_vocabulary(str(converted_models_dir / "tiny.en")),
-        features=lambda window: np.zeros((80, 3000), np.float32),
-        decode=never,
-        admission=Admission(4),
-    )
-    with TestClient(app) as client:
-        started = time.monotonic()
-        response = client.post(
-            TRANSCRIBE,
-            files={"file": ("jfk.flac", JFK.read_bytes(), "audio/flac")},
-            data={"model": "tiny.en"},
-        )
-        elapsed = time.monotonic() - started
+    with in_process(tiny_vocab, never, request_timeout_s=2.5) as client:
+        before = counted(client, 504)
+        outcome = post_jfk(client, stream)
+        error = assert_failed(outcome, stream, 504)
+        assert counted(client, 504) == before + 1
 
-    assert response.status_code == 504, response.text
-    error = response.json()["error"]
-    assert set(error) == ERROR_KEYS and error["type"] == "server_error", error
-    assert 1.0 <= elapsed < 2.5, elapsed  # before BentoML's own 504 at 2.5 s
+    assert error["type"] == "server_error" and "time limit" in error["message"], error
+    assert 1.0 <= outcome.seconds < 2.5, outcome.seconds  # before BentoML's own 504 at 2.5 s
     assert calls == ["started", "cancelled"], calls
+
+
+FAULTS = {
+    # a window the model service failed on: a bug, never worth a retry
+    "failed item": (500, lambda jobs: [failed(job) for job in jobs]),
+    # an exception in the call that is not a transport failure: a bug too
+    "bug": (500, ValueError("secret detail: a bug")),
+    # the model service shed the window, could not be reached or did not answer in time
+    "unavailable": (503, "unavailable"),
+}
+
+
+def failed(job):
+    from bentowhisper.wire import DecodeResult
+
+    return DecodeResult(
+        tokens=[],
+        avg_logprob=0.0,
+        no_speech_prob=0.0,
+        language="en",
+        language_probability=0.0,
+        temperature=job.temperature,
+        error="RuntimeError: secret detail of the model service",
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_model_failures_are_mapped_once(tiny_vocab, caplog, fault, stream):
+    """A failed item or a bug is a 500 ``server_error`` whose message names a request id that
+    the log has too, never the exception's text; only an unavailable model service is a 503
+    with Retry-After. A stream reports the same error as its last event."""
+    from bentowhisper.server.serving import ModelUnavailable
+
+    status, cause = FAULTS[fault]
+
+    async def decode(jobs):
+        if cause == "unavailable":
+            raise ModelUnavailable("ClientConnectorError: connection refused")
+        if isinstance(cause, Exception):
+            raise cause
+        return cause(jobs)
+
+    with in_process(tiny_vocab, decode) as client:
+        before = counted(client, status)
+        outcome = post_jfk(client, stream)
+        error = assert_failed(outcome, stream, status)
+        assert counted(client, status) == before + 1
+
+    assert error["type"] == "server_error", error
+    assert "secret detail" not in error["message"], error
+    if status == 503:
+        assert "retry" in error["message"].lower(), error
+        if not stream:
+            assert outcome.headers["retry-after"] == "5"
+        return
+    request_id = re.search(r"req_[0-9a-f]+", error["message"])
+    assert request_id, error
+    logged = [r for r in caplog.records if request_id.group() in r.getMessage()]
+    assert logged and logged[0].levelname == "ERROR" and logged[0].exc_info, caplog.text
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,3 +585,61 @@ def test_nothing_left_behind(tiny_server):
 
     assert not shutdown.leftovers, shutdown
     assert not audio_leftovers(tiny_server), "decoder temp dirs left behind"
+
+
+def test_a_stream_cancelled_with_its_response_stops_cleanly(tiny_vocab):
+    """Starlette cancels a stream whose client left through an anyio cancel scope, which
+    cancels every later await as well: the decoding stops, the slot is released, the request is
+    counted as 499, and nothing raises. (The server log once showed "aclose(): asynchronous
+    generator is already running" on this path; this in-process run did not reproduce that,
+    it holds the rest.)"""
+    import anyio
+
+    from bentowhisper.config import Settings
+    from bentowhisper.server.longform import TranscribeOptions
+    from bentowhisper.server.serving import Admission, Backend, started
+
+    calls: list[str] = []
+
+    async def slow(jobs):
+        calls.append("started")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            calls.append("cancelled")
+            raise
+
+    backend = Backend(
+        settings=Settings(model="tiny.en"),
+        vocab=tiny_vocab,
+        features=lambda window: np.zeros((80, 3000), np.float32),
+        decode=slow,
+        admission=Admission(4),
+    )
+    audio = np.full(16000 * 5, 0.1, np.float32)
+
+    async def main() -> list:
+        got: list = []
+        with started(backend, "transcriptions") as run:
+            run.admit()
+            events = run.stream(backend.events(audio, TranscribeOptions()), asyncio.Event().wait)
+
+        async def consume() -> None:
+            async for event in events:
+                got.append(event)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(consume)
+            await asyncio.sleep(0.5)
+            group.cancel_scope.cancel()
+        await asyncio.sleep(0.1)  # the cancelled step finishes on its own
+        return got
+
+    from prometheus_client import REGISTRY
+
+    labels = {"endpoint": "transcriptions", "response_format": "unknown", "status": "499"}
+    before = REGISTRY.get_sample_value("bentowhisper_requests_total", labels) or 0.0
+    assert asyncio.run(main()) == []
+    assert calls == ["started", "cancelled"], calls
+    assert backend.admission.active == 0
+    assert REGISTRY.get_sample_value("bentowhisper_requests_total", labels) == before + 1

@@ -35,7 +35,7 @@ from bentowhisper.server.protocol import (
     TranscriptTextDelta,
     TranslationRequest,
 )
-from bentowhisper.transcript import Segment, Transcription, Word
+from bentowhisper.transcript import Segment, TokenLogprob, Transcription, Word
 
 try:  # openai >= 3 talks through the httpx2 fork; older releases through httpx
     import httpx2 as httpx
@@ -131,9 +131,23 @@ def test_usage_rounds_up(duration: float, seconds: int) -> None:
     assert body["usage"] == {"type": "duration", "seconds": seconds}
 
 
-def test_json_has_no_logprobs_even_when_included() -> None:
-    body, _ = render(speech(), transcription(include=["logprobs"]))
-    assert "logprobs" not in body
+def test_json_logprobs_only_when_included() -> None:
+    result = speech()
+    result.segments[0].logprobs = [TokenLogprob(" And", -0.01, list(b" And"))]
+    result.segments[1].logprobs = [TokenLogprob(" ask", -0.5, list(b" ask"))]
+    body, _ = render(result, transcription(include=["logprobs"]))
+    assert body["logprobs"] == [
+        {"token": " And", "logprob": -0.01, "bytes": list(b" And")},
+        {"token": " ask", "logprob": -0.5, "bytes": list(b" ask")},
+    ]
+    assert "logprobs" not in render(result, transcription())[0]
+    # OpenAI returns them in json only
+    assert (
+        "logprobs"
+        not in render(result, transcription(include=["logprobs"], response_format="verbose_json"))[
+            0
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +375,7 @@ def test_sse_bytes() -> None:
     assert sse(TranscriptTextDelta(delta=" Grüße")) == (
         'data: {"type":"transcript.text.delta","delta":" Grüße"}\n\n'.encode()
     )
-    assert sse(done_event(speech(duration=2.5))) == (
+    assert sse(done_event(speech(duration=2.5), TranscriptionRequest(model="whisper-1"))) == (
         b'data: {"type":"transcript.text.done","text":"And so, my fellow Americans, ask not.",'
         b'"usage":{"type":"duration","seconds":3}}\n\n'
     )
@@ -373,7 +387,7 @@ def test_sdk_reads_our_stream() -> None:
         [
             sse(TranscriptTextDelta(delta=" And so, my fellow Americans,")),
             sse(TranscriptTextDelta(delta=" ask not.")),
-            sse(done_event(result)),
+            sse(done_event(result, TranscriptionRequest(model="whisper-1"))),
         ]
     )
 

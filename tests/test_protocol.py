@@ -282,7 +282,6 @@ def test_unknown_language(language: str) -> None:
         ([("temperature", "warm")], "temperature"),
         ([("temperature", "nan")], "temperature"),
         ([("response_format", "xml")], "response_format"),
-        ([("response_format", "diarized_json")], "response_format"),
         ([("timestamp_granularities[]", "words")], "timestamp_granularities"),
         ([("timestamp_granularities[]", "word")], "timestamp_granularities"),
         (

@@ -21,7 +21,6 @@ import httpx
 import jiwer
 import openai
 import pytest
-from conftest import EVAL_DIR, reference
 from openai.types.audio import (
     Transcription,
     TranscriptionTextDeltaEvent,
@@ -29,6 +28,7 @@ from openai.types.audio import (
     TranscriptionVerbose,
     Translation,
 )
+from support import ERROR_KEYS, EVAL_DIR, reference
 from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
@@ -47,7 +47,6 @@ SEGMENT_FIELDS = {
     "compression_ratio",
     "no_speech_prob",
 }
-ERROR_KEYS = {"message", "type", "param", "code"}
 
 english = EnglishTextNormalizer()
 basic = BasicTextNormalizer()
@@ -226,14 +225,21 @@ def test_unknown_language_is_a_bad_request(client, jfk):
     assert error_body(caught.value)["param"] == "language"
 
 
-def test_prompt_is_accepted(client, jfk, jfk_text):
-    result = client.audio.transcriptions.create(
-        model="whisper-1",
-        file=jfk,
-        prompt="President Kennedy's inaugural address, January 1961.",
+def test_prompt_conditions_the_transcript(client, jfk, jfk_text):
+    """Whisper continues the style of its prompt: after a lower-case prompt without
+    punctuation the transcript comes out so too (without a prompt it is capitalised and
+    punctuated), so this fails if the prompt is ignored."""
+    style = (
+        "and so my fellow americans ask not what your country can do for you"
+        " ask what you can do for your country"
     )
+    plain = client.audio.transcriptions.create(model="whisper-1", file=jfk)
+    prompted = client.audio.transcriptions.create(model="whisper-1", file=jfk, prompt=style)
 
-    assert words(result.text) == words(jfk_text)
+    assert words(prompted.text) == words(plain.text) == words(jfk_text)
+    assert re.search(r"[A-Z]", plain.text) and re.search(r"[,.]", plain.text), plain.text
+    assert prompted.text == prompted.text.lower(), prompted.text
+    assert not re.search(r"[,.]", prompted.text), prompted.text
 
 
 def test_temperature(client, jfk, jfk_text):
@@ -267,6 +273,43 @@ def test_streaming(client, jfk, jfk_text):
     assert done.type == "transcript.text.done"
     assert done.text == "".join(e.delta for e in deltas)
     assert words(done.text) == words(jfk_text)
+
+
+def assert_token_logprobs(logprobs, text: str) -> None:
+    """One entry per text token, each a log-probability (<= 0) whose bytes are its token's,
+    and the tokens join to the text."""
+    assert logprobs, "no logprobs"
+    for item in logprobs:
+        assert item.logprob <= 0.0 and item.logprob > -50, item
+        assert bytes(item.bytes) == item.token.encode(), item
+    assert "".join(item.token for item in logprobs).strip() == text.strip()
+
+
+def test_include_logprobs(client, jfk, jfk_text):
+    result = client.audio.transcriptions.create(
+        model="whisper-1", file=jfk, include=["logprobs"], language="en"
+    )
+    assert words(result.text) == words(jfk_text)
+    assert_token_logprobs(result.logprobs, result.text)
+    # a confident transcript: most tokens are near-certain
+    assert sorted(item.logprob for item in result.logprobs)[len(result.logprobs) // 2] > -0.5
+    plain = client.audio.transcriptions.create(model="whisper-1", file=jfk, language="en")
+    assert plain.logprobs is None  # only when asked for
+
+
+def test_include_logprobs_streamed(client, jfk):
+    events = list(
+        client.audio.transcriptions.create(
+            model="whisper-1", file=jfk, include=["logprobs"], language="en", stream=True
+        )
+    )
+    deltas = [e for e in events if isinstance(e, TranscriptionTextDeltaEvent)]
+    done = events[-1]
+    assert isinstance(done, TranscriptionTextDoneEvent)
+    for delta in deltas:
+        assert_token_logprobs(delta.logprobs, delta.delta)
+    assert_token_logprobs(done.logprobs, done.text)
+    assert [x.token for x in done.logprobs] == [x.token for d in deltas for x in d.logprobs]
 
 
 # --------------------------------------------------------------------------------------------

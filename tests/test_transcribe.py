@@ -24,7 +24,7 @@ import jiwer
 import numpy as np
 import pytest
 import torch
-from conftest import EVAL_DIR
+from support import ENCODINGS, EVAL_DIR, ffmpeg
 from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
@@ -32,15 +32,13 @@ from bentowhisper.config import load_settings
 from bentowhisper.engine.decoding import EncoderCache, decode_batch
 from bentowhisper.engine.loading import WhisperBundle, load_whisper
 from bentowhisper.server.audio import decode_audio
+from bentowhisper.server.features import LogMel
 from bentowhisper.server.longform import (
     HOP_LENGTH,
     SAMPLE_RATE,
     TranscribeOptions,
-    TranscriptionInfo,
-    log_mel,
-    to_transcription,
+    TranscriptionDone,
     transcribe,
-    transcribe_segments,
 )
 from bentowhisper.transcript import Transcription
 from bentowhisper.wire import N_FRAMES, DecodeJob, DecodeResult
@@ -60,7 +58,7 @@ PROFILE = load_settings({})
 english = EnglishTextNormalizer()
 basic = BasicTextNormalizer()
 
-Run = tuple[Transcription, TranscriptionInfo]
+Run = tuple[Transcription, TranscriptionDone]
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,10 +90,15 @@ def words(text: str) -> list[str]:
 class Batcher:
     """A decode function for concurrent transcriptions: the windows pending when the previous
     batch finishes (after they stop arriving for ``settle`` seconds) share one
-    :func:`decode_batch` call."""
+    :func:`decode_batch` call, with an encoder cache as the model service has (``capacity=0``:
+    one that always lost the window, so every resumed slice comes back ``evicted``)."""
 
-    def __init__(self, bundle: WhisperBundle, settle: float = 0.25, max_batch: int = 32):
+    def __init__(
+        self, bundle: WhisperBundle, settle: float = 0.25, max_batch: int = 32, capacity: int = 64
+    ):
         self.bundle, self.settle, self.max_batch = bundle, settle, max_batch
+        self.cache = EncoderCache(capacity=capacity)
+        self.evicted = 0
         self.pending: list[tuple[list[DecodeJob], asyncio.Future[list[DecodeResult]]]] = []
         self.worker: asyncio.Task[None] | None = None
         self.sizes: list[int] = []
@@ -121,7 +124,8 @@ class Batcher:
             self.sizes.append(size)
             try:
                 flat = [job for jobs, _ in batch for job in jobs]
-                results = await asyncio.to_thread(decode_batch, self.bundle, flat)
+                results = await asyncio.to_thread(decode_batch, self.bundle, flat, self.cache)
+                self.evicted += sum(result.evicted for result in results)
             except BaseException as exc:  # never leave a request waiting forever
                 for _, future in batch:
                     future.set_exception(exc)
@@ -132,18 +136,18 @@ class Batcher:
 
 
 def transcribe_all(
-    bundle: WhisperBundle, requests: list[tuple[np.ndarray, TranscribeOptions]]
+    bundle: WhisperBundle,
+    requests: list[tuple[np.ndarray, TranscribeOptions]],
+    decode: Batcher | None = None,
 ) -> list[Run]:
-    """Transcribe all requests concurrently (their windows batched together); what
-    :func:`transcribe` returns for each, plus its :class:`TranscriptionInfo`."""
-    features = log_mel(bundle.feature_extractor)
-    decode = Batcher(bundle, settle=0.25 if len(requests) > 1 else 0.0)
+    """Transcribe all requests concurrently (their windows batched together); for each the
+    transcription and the :class:`TranscriptionDone` event it came in."""
+    features = LogMel.from_checkpoint(bundle.checkpoint)
+    decode = decode or Batcher(bundle, settle=0.25 if len(requests) > 1 else 0.0)
 
     async def one(audio: np.ndarray, options: TranscribeOptions) -> Run:
-        info = TranscriptionInfo(duration=len(audio) / SAMPLE_RATE)
-        async for _ in transcribe_segments(audio, options, decode, bundle.vocab, features, info):
-            pass
-        return to_transcription(info, options), info
+        done = await transcribe(audio, options, decode, bundle.vocab, features)
+        return done.transcription, done
 
     async def main() -> list[Run]:
         return list(await asyncio.gather(*(one(audio, options) for audio, options in requests)))
@@ -161,15 +165,11 @@ def transcribe_plain(bundle: WhisperBundle, audio: np.ndarray, **options: Any) -
     async def decode(jobs: list[DecodeJob]) -> list[DecodeResult]:
         return await asyncio.to_thread(decode_batch, bundle, jobs)
 
-    return asyncio.run(
-        transcribe(
-            audio,
-            TranscribeOptions(**options),
-            decode,
-            bundle.vocab,
-            log_mel(bundle.feature_extractor),
-        )
+    features = LogMel.from_checkpoint(bundle.checkpoint)
+    done = asyncio.run(
+        transcribe(audio, TranscribeOptions(**options), decode, bundle.vocab, features)
     )
+    return done.transcription
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,7 +466,7 @@ def test_one_batch_decodes_like_separate_calls(base_fp32):
     """Four windows with different prompts, languages and tasks in one decode_batch call give
     the same tokens as four calls of one (in fp32): batching across requests changes nothing."""
     base = base_fp32
-    vocab, features = base.vocab, log_mel(base.feature_extractor)
+    vocab, features = base.vocab, LogMel.from_checkpoint(base.checkpoint)
     clips = manifest()
     longform_text = clips["ljspeech_LJ001-0001_to_0016"]["text"]
 
@@ -519,10 +519,11 @@ def test_one_batch_decodes_like_separate_calls(base_fp32):
 
 def test_sliced_decoding_resumes_to_the_same_tokens(base_fp32):
     """A window decoded a few tokens per call, resumed from its tokens so far (in a batch with
-    unsliced neighbours), ends with the tokens, log-probability and word times of one call;
-    with or without its encoder output cached between slices (in fp32)."""
+    unsliced neighbours), ends with the tokens, log-probability and word times of one call
+    (in fp32). A resumed slice carries no features: with the encoder output cached it is
+    decoded from the cache; without, it comes back ``evicted`` and is resent with them."""
     base = base_fp32
-    features = log_mel(base.feature_extractor)
+    features = LogMel.from_checkpoint(base.checkpoint)
     clips = manifest()
     longform = load_audio(LONGFORM)[: N_FRAMES * HOP_LENGTH]  # 30 s of dense speech
     de = load_audio(clips["fleurs-de-000"]["path"])[: N_FRAMES * HOP_LENGTH]
@@ -530,29 +531,32 @@ def test_sliced_decoding_resumes_to_the_same_tokens(base_fp32):
         features(longform), language=None, word_timestamps=True, max_steps=7, key="long:0"
     )
     neighbour = DecodeJob.for_window(features(de), language="de")
-    (whole,) = decode_batch(base, [sliced.model_copy(update={"max_steps": None, "key": None})])
+    unsliced = DecodeJob.for_window(features(longform), language=None, word_timestamps=True)
+    (whole,) = decode_batch(base, [unsliced])
     assert whole.done and len(whole.tokens) > 60
 
     for cache in (EncoderCache(capacity=4), None):
-        job, calls, cached = sliced, 0, []
+        job, calls, evicted, cached = sliced, 0, 0, []
         while True:
             result, other = decode_batch(base, [job, neighbour], cache)
-            calls += 1
             assert result.error is None and other.error is None
             assert other.done  # the unsliced neighbour finishes in its first call
+            if result.evicted:  # only without a cache, and only for a slice without features
+                assert cache is None and job.features is None
+                assert result.tokens == [] and not result.done
+                evicted += 1
+                job = job.with_features_of(sliced)
+                continue
+            calls += 1
             cached.append(len(cache) if cache is not None else 0)
             if result.done:
                 break
             assert len(result.tokens) == 7 * calls
             assert result.tokens == whole.tokens[: len(result.tokens)]
-            job = job.model_copy(
-                update={
-                    "resume": result.tokens,
-                    "resume_logprob": result.sum_logprob,
-                    "language": result.language,
-                }
-            )
+            job = job.resumed(result)
+            assert job.features is None and job.resume == result.tokens
         assert calls == -(-(len(whole.tokens) + 1) // 7)  # ceil: the last call samples eot
+        assert evicted == (0 if cache is not None else calls - 1)
         assert result.tokens == whole.tokens
         assert result.language == whole.language == "en"
         assert result.avg_logprob == pytest.approx(whole.avg_logprob, abs=1e-4)
@@ -567,7 +571,7 @@ def test_a_window_ends_where_the_decoder_context_ends(base):
     one more token is sampled and the window is done, as openai-whisper stops once the sequence
     outgrows n_text_ctx (it used to feed position 448 and fail the request)."""
     vocab = base.vocab
-    mel = log_mel(base.feature_extractor)(load_audio(LONGFORM)[: N_FRAMES * HOP_LENGTH])
+    mel = LogMel.from_checkpoint(base.checkpoint)(load_audio(LONGFORM)[: N_FRAMES * HOP_LENGTH])
     prompt = vocab.encode(" the printing press" * 100)[-223:]
     prefix = 1 + len(prompt) + 3  # <|startofprev|>, prompt, <|startoftranscript|> en transcribe
     resume = vocab.encode(" and so on" * 100)[: 448 - prefix]
@@ -582,7 +586,11 @@ def test_a_window_ends_where_the_decoder_context_ends(base):
 def test_long_audio_in_slices_gives_the_same_transcript(base, longform_run):
     """Served as configured: identical to whole windows in fp32, as accurate in bf16."""
     clip, (whole, info) = longform_run
-    sliced, sliced_info = transcribe_one(base, load_audio(LONGFORM), slice_tokens=16)
+    decode = Batcher(base, settle=0.0)
+    sliced, sliced_info = transcribe_all(
+        base, [(load_audio(LONGFORM), TranscribeOptions(slice_tokens=16))], decode
+    )[0]
+    assert decode.evicted == 0  # every resumed slice found its window in the cache
     if base.dtype != torch.float32:
         assert jiwer.wer(english(clip["text"]), english(sliced.text)) <= 0.05
         assert abs(sliced_info.windows - info.windows) <= 1
@@ -590,6 +598,24 @@ def test_long_audio_in_slices_gives_the_same_transcript(base, longform_run):
     assert sliced_info.windows == info.windows
     assert [s.text for s in sliced.segments] == [s.text for s in whole.segments]
     assert [s.tokens for s in sliced.segments] == [s.tokens for s in whole.segments]
+
+
+def test_evicted_slices_are_resent_with_their_features(tiny_en):
+    """A model service whose cache lost every window (or another replica) answers each resumed
+    slice ``evicted``; the long-form loop resends it with the features and the transcript is the
+    one a cache gives (tiny.en, greedy: the same tokens either way)."""
+    audio = load_audio(LONGFORM)[: 45 * SAMPLE_RATE]  # two windows, so they are sliced
+    options = TranscribeOptions(slice_tokens=16)
+    cached = Batcher(tiny_en, settle=0.0)
+    losing = Batcher(tiny_en, settle=0.0, capacity=0)
+    (kept, _), (resent, done) = (
+        transcribe_all(tiny_en, [(audio, options)], cached)[0],
+        transcribe_all(tiny_en, [(audio, options)], losing)[0],
+    )
+    assert cached.evicted == 0 and losing.evicted >= 4, (cached.evicted, losing.evicted)
+    assert done.windows >= 2
+    assert resent.text == kept.text and resent.text
+    assert [s.tokens for s in resent.segments] == [s.tokens for s in kept.segments]
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,15 +652,12 @@ def test_window_shorter_than_a_second(models, model):
         assert 0.0 <= segment.start < segment.end <= 0.75 + 0.001, segment
 
 
-def test_every_container_gives_the_same_transcript(tiny_en, tmp_path):
+def test_every_container_gives_the_same_transcript(tiny_en):
     """jfk re-encoded into each format users send decodes (by content) and transcribes to the
     same words as the original FLAC."""
-    from test_audio import ENCODINGS, _ffmpeg
-
     original = transcribe_one(tiny_en, load_audio(JFK))[0].text
     assert english(original) == english(JFK_TEXT)
     for name, (file_name, options) in ENCODINGS.items():
-        path = tmp_path / file_name
-        _ffmpeg("-i", str(EVAL_DIR / JFK), "-vn", *options, str(path))
-        result, _ = transcribe_one(tiny_en, decode_audio(path.read_bytes()))
+        data = ffmpeg("-i", str(EVAL_DIR / JFK), "-vn", *options, out_name=file_name)
+        result, _ = transcribe_one(tiny_en, decode_audio(data))
         assert english(result.text) == english(original), (name, result.text)

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import EVAL_DIR
+from support import EVAL_DIR
 
 from bentowhisper.server.audio import decode_audio
 from bentowhisper.server.vad import (

@@ -1,5 +1,9 @@
-"""``bentowhisper`` command line: model housekeeping that happens before serving.
+"""``bentowhisper`` command line: serve, transcribe files, and model housekeeping.
 
+bentowhisper serve [--model M] [--port P] [--config F]    run the service (bentoml serve)
+bentowhisper transcribe FILE... [--format F] [--language L] [--model M] [--output-dir D]
+                                                          transcribe in this process
+bentowhisper transcribe FILE... --url URL                 ... or through a running server
 bentowhisper models list              the embedded models and where they are converted
 bentowhisper models convert NAME      convert an embedded model (cached) and print its path
 bentowhisper models import NAME       put a model into BentoML's model store, for bentos
@@ -8,16 +12,33 @@ bentowhisper models import NAME       put a model into BentoML's model store, fo
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
 import re
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import settings
+from .config import Settings, load_settings
 from .engine.checkpoints import EMBEDDED, resolve_checkpoint
+from .launcher import serve_command, serve_env
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .engine.loading import WhisperBundle
+    from .server.longform import DecodeFn, TranscribeOptions
+    from .transcript import Transcription
+    from .wire import DecodeJob, DecodeResult
 
 # What a transformers Whisper checkpoint needs at serving time (hub snapshots hold more).
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt", "vocab.json"]
+FORMATS = ("text", "json", "verbose_json", "srt", "vtt")
+EXTENSIONS = {"text": "txt", "json": "json", "verbose_json": "json", "srt": "srt", "vtt": "vtt"}
+# Audio up to one 30 s window is decoded in one step: a progress bar would only flash.
+PROGRESS_MIN_SECONDS = 30.0
 
 
 def default_tag(name: str) -> str:
@@ -47,9 +68,200 @@ def import_model(name: str, models_dir: Path, tag: str | None = None) -> str:
     return str(stored.tag)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bentowhisper", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+# --------------------------------------------------------------------------------------------
+# serve
+
+
+def serve(port: int, host: str | None, model: str | None, config: str | None) -> int:
+    """Replace this process by ``bentoml serve``, so signals (Ctrl-C, SIGTERM) reach it."""
+    env = serve_env(model=model, config=config)
+    try:  # a bad profile fails here, with its message, not in a worker's traceback
+        load_settings(env)
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    command = serve_command(port, host)
+    os.execve(command[0], command, env)
+    return 0  # not reached
+
+
+# --------------------------------------------------------------------------------------------
+# transcribe
+
+
+def transcribe_local(
+    files: list[Path],
+    response_format: str,
+    language: str | None,
+    settings: Settings,
+    output_dir: Path | None,
+) -> int:
+    """Transcribe ``files`` with the engine in this process, as the service would one request
+    at a time (same settings, same 30 s windows and slices); return the exit status."""
+    from .engine.decoding import EncoderCache, decode_batch
+    from .engine.loading import load_from_settings
+    from .server.audio import AudioDecodeError, decode_audio
+    from .server.formats import render
+    from .server.longform import TranscribeOptions
+    from .server.protocol import TranscriptionRequest
+
+    bundle = load_from_settings(settings)
+    if language is not None and language not in bundle.vocab.languages:
+        return _fail(f"the model {settings.model!r} is English-only; --language {language}")
+    request = TranscriptionRequest(
+        model=settings.model, response_format=response_format, language=language
+    )
+    options = TranscribeOptions(language=language, slice_tokens=settings.slice_tokens or None)
+    cache = EncoderCache(capacity=2)
+
+    async def decode(jobs: list[DecodeJob]) -> list[DecodeResult]:
+        # On the loop's own thread: it loaded the model, and torch runs slower on others.
+        return decode_batch(bundle, jobs, cache)
+
+    status = 0
+    for path in files:
+        try:
+            audio = decode_audio(path, timeout_s=settings.decode_timeout_s)
+        except (OSError, AudioDecodeError) as exc:
+            status = _fail(f"{path}: {exc}")
+            continue
+        result = asyncio.run(_with_progress(audio, options, decode, bundle, path.name))
+        body, _ = render(result, request)
+        _emit(path, _as_text(body), response_format, output_dir)
+    return status
+
+
+async def _with_progress(
+    audio: np.ndarray,
+    options: TranscribeOptions,
+    decode: DecodeFn,
+    bundle: WhisperBundle,
+    name: str,
+) -> Transcription:
+    """The transcription, with a progress bar in audio seconds on stderr for long files."""
+    from tqdm import tqdm
+
+    from .server.longform import (
+        SAMPLE_RATE,
+        TranscriptionInfo,
+        log_mel,
+        to_transcription,
+        transcribe_segments,
+    )
+
+    info = TranscriptionInfo(duration=len(audio) / SAMPLE_RATE)
+    total = round(info.duration, 1)
+    segments = transcribe_segments(
+        audio, options, decode, bundle.vocab, log_mel(bundle.feature_extractor), info
+    )
+    with tqdm(
+        total=total,
+        unit="s",
+        desc=name,
+        file=sys.stderr,
+        disable=info.duration <= PROGRESS_MIN_SECONDS,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}]",
+    ) as bar:
+        async for segment in segments:
+            bar.update(max(0.0, min(round(segment.end, 1), total) - bar.n))
+        bar.update(total - bar.n)
+    return to_transcription(info, options)
+
+
+def transcribe_remote(
+    files: list[Path],
+    response_format: str,
+    language: str | None,
+    model: str | None,
+    url: str,
+    output_dir: Path | None,
+) -> int:
+    """Send ``files`` to a running server with the ``openai`` SDK; write what it returns."""
+    import openai
+
+    base_url = url.rstrip("/")
+    if not base_url.endswith("/v1"):
+        base_url += "/v1"
+    # Any key does for a server without keys; the SDK insists on one.
+    client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY") or "none")
+    extra = {"language": language} if language else {}
+    status = 0
+    for path in files:
+        try:
+            with open(path, "rb") as audio:
+                raw = client.audio.transcriptions.with_raw_response.create(
+                    model=model or "whisper-1", file=audio, response_format=response_format, **extra
+                )
+        except OSError as exc:
+            status = _fail(f"{path}: {exc}")
+            continue
+        except openai.APIError as exc:
+            status = _fail(f"{path}: {exc.message}")
+            continue
+        _emit(path, raw.text, response_format, output_dir)
+    return status
+
+
+def _as_text(body: str | dict) -> str:
+    # The bytes the service sends: Starlette's JSONResponse encodes exactly so.
+    if isinstance(body, str):
+        return body
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _emit(path: Path, body: str, response_format: str, output_dir: Path | None) -> None:
+    """``output_dir/<stem>.<ext>`` (its path on stderr), else the body on stdout."""
+    if output_dir is None:
+        sys.stdout.write(body if body.endswith("\n") else body + "\n")
+        sys.stdout.flush()
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    target = output_dir / f"{path.stem}.{EXTENSIONS[response_format]}"
+    target.write_text(body, encoding="utf-8")
+    print(target, file=sys.stderr)
+
+
+def _fail(message: str) -> int:
+    print(f"bentowhisper: {message}", file=sys.stderr)
+    return 1
+
+
+def _language(value: str) -> str:
+    from .server.protocol import normalize_language
+
+    try:
+        return normalize_language(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a language Whisper knows: {value!r}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# the command line
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="bentowhisper",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
+    commands = top.add_subparsers(dest="command", required=True)
+
+    served = commands.add_parser("serve", help="run the service (bentoml serve)")
+    served.add_argument("--model", help="embedded name, checkpoint directory or hub id")
+    served.add_argument("--port", type=int, default=3000, help="default: 3000")
+    served.add_argument("--host", help="address to bind (default: BentoML's, all interfaces)")
+    served.add_argument("--config", help="settings profile (default: configs/cpu.yaml)")
+
+    files = commands.add_parser("transcribe", help="transcribe audio files")
+    files.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    files.add_argument("--format", choices=FORMATS, default="text", dest="response_format")
+    files.add_argument("--language", type=_language, help="ISO-639-1 code; default: detected")
+    files.add_argument("--model", help="model to load (with --url: the model name to send)")
+    files.add_argument("--config", help="settings profile for the in-process engine")
+    files.add_argument("--output-dir", type=Path, help="write FILE's stem + extension there")
+    files.add_argument("--url", help="a running server (http://HOST:PORT) to send the files to")
+
     models = commands.add_parser("models", help="model housekeeping").add_subparsers(
         dest="action", required=True
     )
@@ -59,9 +271,32 @@ def main(argv: list[str] | None = None) -> int:
     imported = models.add_parser("import", help="import a model into BentoML's model store")
     imported.add_argument("name", help="embedded name, local checkpoint directory or hub id")
     imported.add_argument("--tag", help="model store name (default: whisper-<name>)")
-    args = parser.parse_args(argv)
+    return top
 
-    models_dir = settings().models_path
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args.port, args.host, args.model, args.config)
+    if args.command == "transcribe":
+        if args.url:
+            return transcribe_remote(
+                args.files,
+                args.response_format,
+                args.language,
+                args.model,
+                args.url,
+                args.output_dir,
+            )
+        try:
+            settings = load_settings(serve_env(model=args.model, config=args.config))
+        except (OSError, ValueError) as exc:
+            return _fail(str(exc))
+        return transcribe_local(
+            args.files, args.response_format, args.language, settings, args.output_dir
+        )
+
+    models_dir = load_settings().models_path
     if args.action == "list":
         for name in EMBEDDED:
             print(f"{name}\t{models_dir / name}")

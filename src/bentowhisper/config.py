@@ -48,7 +48,9 @@ class Settings:
     # "auto": fp16 on GPUs; bf16 on CPUs with bf16 instructions, else fp32 (models.resolve_dtype)
     dtype: str = "auto"
     attn_implementation: str = "hybrid"  # SDPA plus matmuls for 1-token steps (attention.py)
-    quantization: str = "none"  # "int8": dynamic int8 linear layers (CPU only)
+    # "auto": the fastest that keeps accuracy for the CPU found (engine/speed.py); "none";
+    # "int8" (all linear layers) or "int8:<parts>" (encoder, decoder, proj_out), CPU only
+    quantization: str = "auto"
     # Adaptive batching of 30 s windows across requests.
     max_batch_size: int = 8
     max_latency_ms: int = 60_000
@@ -71,6 +73,15 @@ class Settings:
     chunking: str = "auto"
     # Chunks of one request submitted to the model service at once (server/chunked.py).
     max_chunks_in_flight: int = 4
+
+    # BentoML's access line for every internal decode call (one per window and slice).
+    log_decode_requests: bool = False
+    # Realtime transcription sessions (WebSocket /v1/realtime).
+    realtime_max_sessions: int = 32  # per API worker; beyond it the handshake gets 429
+    realtime_max_turn_s: float = 30.0  # server VAD cuts a turn here; manual buffers stop here
+    realtime_idle_timeout_s: float = 60.0  # a session with no client event this long is closed
+    realtime_max_message_kb: float = 1024.0  # larger messages get an error event, unapplied
+    realtime_partial_interval_ms: int = 700  # a growing turn is re-decoded at most this often
 
     def __post_init__(self) -> None:
         if self.chunking not in CHUNKING:

@@ -18,6 +18,15 @@ class Word:
 
 
 @dataclass
+class TokenLogprob:
+    """A text token as ``include[]=logprobs`` reports it: its text, log-probability and bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+@dataclass
 class Segment:
     """One segment with the ten fields OpenAI's ``verbose_json`` carries, plus its words."""
 
@@ -32,6 +41,7 @@ class Segment:
     compression_ratio: float  # gzip ratio of ``text``
     no_speech_prob: float
     words: list[Word] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # its text tokens'
 
 
 @dataclass

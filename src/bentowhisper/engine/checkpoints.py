@@ -168,3 +168,39 @@ def resolve_checkpoint(name: str, models_dir: Path) -> str:
         # Clearly meant as a path: a hub lookup would only hide the typo behind a network error.
         raise FileNotFoundError(f"model directory {name!r} does not exist")
     return name
+
+
+def await_converted(name: str, models_dir: Path, timeout_s: float) -> str:
+    """What :func:`resolve_checkpoint` resolves ``name`` to, but never converting: for an
+    embedded model, wait until another process (the model service) has converted it.
+
+    The API service reads only the tokenizer and preprocessor files of the checkpoint, so it
+    must not spend its start (nor a second copy of the memory) on a conversion.
+    """
+    if name not in EMBEDDED:
+        return resolve_checkpoint(name, models_dir)
+    models_dir = Path(models_dir).expanduser()
+    out_dir = models_dir / name
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if _marker(out_dir).get("converter_version") == CONVERTER_VERSION and not _converting(
+            models_dir, name
+        ):
+            return str(out_dir)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{out_dir}: not converted after {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def _converting(models_dir: Path, name: str) -> bool:
+    """Whether a process holds the conversion lock of ``name`` (see :func:`ensure_converted`)."""
+    lock_path = models_dir / f".{name}.lock"
+    if not lock_path.exists():
+        return False
+    with open(lock_path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return False

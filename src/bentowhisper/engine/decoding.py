@@ -9,7 +9,9 @@ A job may carry a step budget (``max_steps``): it then comes back unfinished (``
 after that many tokens and is resubmitted with its tokens so far (``resume``). A long file's
 windows are decoded in such slices so that no batch is held for a whole 30 s window while
 short requests wait behind it; an :class:`EncoderCache` keeps the window's encoder output
-between slices, and a slice that lands on another replica simply encodes the window again.
+between slices, so a resumed slice comes without its features. When the cache no longer holds
+it (evicted, or the slice landed on another replica) the item comes back ``evicted`` and the
+caller sends it again with the features.
 
 The decoding rules follow openai-whisper's ``DecodingTask`` (greedy at temperature 0, sampling
 above it, the blank/special-token suppression and the timestamp rules), vectorised over the
@@ -55,6 +57,9 @@ class EncoderCache:
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
+    def __contains__(self, key: str | None) -> bool:
+        return key is not None and key in self._items
+
     def discard(self, key: str | None) -> None:
         self._items.pop(key, None)
 
@@ -72,6 +77,19 @@ def decode_batch(
     """
     if not jobs:
         return []
+    # a resumed slice without features whose encoder output is gone: the caller resends it
+    evicted = {
+        i
+        for i, job in enumerate(jobs)
+        if job.features is None and (cache is None or job.key not in cache)
+    }
+    if evicted:
+        rest = [job for i, job in enumerate(jobs) if i not in evicted]
+        decoded = iter(decode_batch(bundle, rest, cache))
+        return [
+            DecodeResult.evicted_for(job) if i in evicted else next(decoded)
+            for i, job in enumerate(jobs)
+        ]
     try:
         with torch.inference_mode():
             return _decode(bundle, jobs, cache)
@@ -106,7 +124,7 @@ def _decode(
     prefixes = [
         _prefix(vocab, job, language) for job, (language, _) in zip(jobs, languages, strict=True)
     ]
-    tokens, sum_logprobs, no_speech, done = _sample(bundle, encoded, jobs, prefixes)
+    tokens, token_logprobs, sum_logprobs, no_speech, done = _sample(bundle, encoded, jobs, prefixes)
 
     results = []
     for i, job in enumerate(jobs):
@@ -117,6 +135,7 @@ def _decode(
                 # openai-whisper: the sum includes <|endoftext|>, hence the + 1
                 avg_logprob=sum_logprobs[i] / (len(tokens[i]) + 1),
                 sum_logprob=sum_logprobs[i],
+                token_logprobs=token_logprobs[i],
                 done=done[i],
                 no_speech_prob=no_speech[i],
                 language=language,
@@ -200,7 +219,7 @@ def _sample(
     encoded: torch.Tensor,
     jobs: list[DecodeJob],
     prefixes: list[list[int]],
-) -> tuple[list[list[int]], list[float], list[float], list[bool]]:
+) -> tuple[list[list[int]], list[list[float]], list[float], list[float], list[bool]]:
     """The decoding loop: left-padded prefixes, one step for all active rows at a time.
 
     Rows leave the batch (and the KV cache) as soon as they emit <|endoftext|> or use up their
@@ -241,6 +260,7 @@ def _sample(
     rules = _Rules(vocab, jobs, device, logits.shape[-1])
     temperatures = torch.tensor([job.temperature for job in jobs], device=device)
     sampled = [list(job.resume) for job in jobs]
+    token_logprobs = [list(job.resume_logprobs) for job in jobs]
     sum_logprobs = [job.resume_logprob for job in jobs]
     # Tokens a window may sample in all: SAMPLE_LEN, and no more than the decoder's context
     # holds after its prefix (openai-whisper stops once the sequence outgrows n_text_ctx; a
@@ -273,6 +293,7 @@ def _sample(
             if token == vocab.eot:
                 continue
             sampled[index].append(token)
+            token_logprobs[index].append(chosen_logprobs[row])
             if step < last_step[index]:
                 unfinished.append(row)
             elif len(sampled[index]) < window_limit[index]:
@@ -298,7 +319,7 @@ def _sample(
         )
         cache = out.past_key_values
         logits = model.proj_out(out.last_hidden_state[:, -1]).float()
-    return sampled, sum_logprobs, no_speech, done
+    return sampled, token_logprobs, sum_logprobs, no_speech, done
 
 
 class _Rules:

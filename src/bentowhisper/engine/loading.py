@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ..vocabulary import Vocabulary
 
 from .checkpoints import resolve_checkpoint
+from .speed import CpuFeatures, SpeedChoice, choose_speed, quantized_parts
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,12 @@ def cpu_has_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def cpu_features() -> CpuFeatures:
+    import torch
+
+    return CpuFeatures(capability=torch.backends.cpu.get_cpu_capability(), bf16=cpu_has_bf16())
+
+
 @dataclass
 class WhisperBundle:
     """A loaded Whisper checkpoint: everything decoding needs."""
@@ -80,6 +87,7 @@ class WhisperBundle:
     dtype: torch.dtype
     name: str  # what the user asked for ("base", a directory, a hub id)
     checkpoint: str = ""  # what was loaded (a directory or a hub id)
+    speed: SpeedChoice | None = None  # the dtype and quantization chosen, and why
 
     @cached_property
     def vocab(self) -> Vocabulary:
@@ -112,9 +120,10 @@ def load_whisper(
     from . import attention  # noqa: F401 - registers the "hybrid" attention implementation
 
     torch_device = resolve_device(device)
-    if quantization == "int8" and dtype == "auto":
-        dtype = "float32"  # dynamic int8 quantization takes fp32 linear layers
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    features = cpu_features() if torch_device.type == "cpu" else None
+    speed = choose_speed(torch_device.type, dtype, quantization, features)
+    log.info("precision: %s", speed.describe())
+    torch_dtype = resolve_dtype(speed.dtype, torch_device)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -122,10 +131,9 @@ def load_whisper(
     model.to(torch_device)
     model.eval()
     model.requires_grad_(False)
-    if quantization == "int8":
-        model = _quantize_int8(model, torch_device)
-    elif quantization != "none":
-        raise ValueError(f"unknown quantization {quantization!r}; use none or int8")
+    parts = quantized_parts(speed.quantization)
+    if parts:
+        _quantize_int8(model, parts)
     return WhisperBundle(
         model=model,
         tokenizer=WhisperTokenizerFast.from_pretrained(checkpoint),
@@ -134,24 +142,30 @@ def load_whisper(
         dtype=torch_dtype,
         name=name or checkpoint,
         checkpoint=checkpoint,
+        speed=speed,
     )
 
 
-def _quantize_int8(
-    model: WhisperForConditionalGeneration, device: torch.device
-) -> WhisperForConditionalGeneration:
-    """Dynamic int8 quantization of the linear layers: int8 weights, activations quantized on
-    the fly. On CPUs it cuts most of the matmul time (see docs/benchmarks.md for speed and WER);
-    GPUs have faster options (fp16/bf16), so it is refused there."""
+def _quantize_int8(model: WhisperForConditionalGeneration, parts: tuple[str, ...]) -> None:
+    """Dynamic int8 quantization, in place, of the linear layers of ``parts`` (see
+    ``speed.QUANTIZABLE_PARTS``): int8 weights with one scale per output channel, activations
+    quantized per tensor on the fly, FBGEMM's kernels. One scale per channel, as the
+    CTranslate2 int8 weights we convert from have; torch's default (one per tensor) cost
+    accuracy. ``choose_speed`` has already checked device (CPU) and dtype (float32)."""
     import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    if device.type != "cpu":
-        raise ValueError("int8 dynamic quantization runs on the CPU only; use float16 on GPUs")
-    if model.dtype != torch.float32:
-        raise ValueError("int8 dynamic quantization needs dtype float32 (or auto)")
-    with warnings.catch_warnings():  # torch.ao's notice that torchao is its successor
+    prefixes = {"encoder": "model.encoder.", "decoder": "model.decoder.", "proj_out": "proj_out"}
+    spec = {
+        name: per_channel_dynamic_qconfig
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and any(name.startswith(prefixes[part]) for part in parts)
+    }
+    with warnings.catch_warnings():  # torch.ao's notices that torchao is its successor
         warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions")
+        quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
 
 
 def load_from_settings(settings: Settings, checkpoint: str | None = None) -> WhisperBundle:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..config import Settings
-from ..transcript import Segment
+from ..transcript import Segment, Transcription
 from ..vocabulary import Vocabulary
 from ..wire import DecodeJob
 from .longform import (
@@ -35,9 +35,12 @@ from .longform import (
     WINDOW_SAMPLES,
     DecodeFn,
     FeaturesFn,
+    SegmentDecoded,
     TranscribeOptions,
-    TranscriptionInfo,
-    transcribe_segments,
+    TranscriptionDone,
+    TranscriptionEvent,
+    transcribe,
+    transcribe_events,
     window_features,
 )
 from .vad import FRAME, SpeechRegions, VadParams, detect_speech, normalize_loudness
@@ -74,23 +77,22 @@ def resolve_chunking(strategy: object, setting: str) -> Chunking | None:
     )
 
 
-def request_segments(
+def request_events(
     audio: np.ndarray,
     strategy: object,
     options: TranscribeOptions,
     decode: DecodeFn,
     vocab: Vocabulary,
     features: FeaturesFn,
-    info: TranscriptionInfo,
     settings: Settings,
-) -> AsyncIterator[Segment]:
-    """A request's segments: chunked, or from the sequential loop, as its ``chunking_strategy``
+) -> AsyncIterator[TranscriptionEvent]:
+    """A request's events: chunked, or from the sequential loop, as its ``chunking_strategy``
     (None when not sent) and the settings say."""
     chunking = resolve_chunking(strategy, settings.chunking)
     if chunking is None:
-        return transcribe_segments(audio, options, decode, vocab, features, info)
-    return chunked_segments(
-        audio, chunking, options, decode, vocab, features, info, settings.max_chunks_in_flight
+        return transcribe_events(audio, options, decode, vocab, features)
+    return chunked_events(
+        audio, chunking, options, decode, vocab, features, settings.max_chunks_in_flight
     )
 
 
@@ -175,23 +177,24 @@ def _cut_long(
     return pieces
 
 
-async def chunked_segments(
+async def chunked_events(
     audio: np.ndarray,
     chunking: Chunking,
     options: TranscribeOptions,
     decode: DecodeFn,
     vocab: Vocabulary,
     features: FeaturesFn,
-    info: TranscriptionInfo,
     max_in_flight: int,
-) -> AsyncIterator[Segment]:
-    """Yield the segments of ``audio`` in order; ``info`` as :func:`.transcribe_segments`."""
+) -> AsyncIterator[TranscriptionEvent]:
+    """Each segment of ``audio`` in order, then :class:`.TranscriptionDone`, as the loop's."""
+    duration = len(audio) / SAMPLE_RATE
     if chunking.normalize:
         audio = await asyncio.to_thread(normalize_loudness, audio)
     speech = await asyncio.to_thread(detect_speech, audio, chunking.params)
     chunks = pack_chunks(speech)
     slots = asyncio.Semaphore(max(1, max_in_flight))
-    if options.language is None and vocab.is_multilingual and len(chunks) > 1:
+    language, probability = options.language, 1.0
+    if language is None and vocab.is_multilingual and len(chunks) > 1:
         # One decoder step on the first chunk detects the language for all of them.
         samples = chunks[0].samples(audio)
         size = len(samples) // HOP_LENGTH
@@ -201,32 +204,41 @@ async def chunked_segments(
             mel, prompt=prompt, task=options.task, num_frames=size, max_steps=1
         )
         (detected,) = await decode([probe])
-        options = replace(options, language=detected.language)
-        info.language, info.language_probability = detected.language, detected.language_probability
+        language, probability = detected.language, detected.language_probability
+        options = replace(options, language=language)
 
-    async def run(chunk: Chunk) -> tuple[list[Segment], TranscriptionInfo]:
+    async def run(chunk: Chunk) -> TranscriptionDone:
         async with slots:  # a chunk's features exist only while it holds a slot
             return await _transcribe_chunk(audio, chunk, options, decode, vocab, features)
 
     tasks = [asyncio.ensure_future(run(chunk)) for chunk in chunks]
+    segments: list[Segment] = []
+    windows = fallbacks = 0
     try:
         for task in tasks:
-            segments, decoded = await task
-            info.windows += decoded.windows
-            info.fallbacks += decoded.fallbacks
-            if info.language is None:
-                info.language = decoded.language
-                info.language_probability = decoded.language_probability
-            for segment in segments:
-                segment.id = len(info.segments)
-                info.segments.append(segment)
-                yield segment
+            done = await task
+            windows += done.windows
+            fallbacks += done.fallbacks
+            if language is None:
+                language = done.transcription.language
+                probability = done.transcription.language_probability
+            for segment in done.transcription.segments:
+                segment.id = len(segments)
+                segments.append(segment)
+                yield SegmentDecoded(segment)
     finally:  # a client gone (or an error): no further chunk reaches the model
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    if info.language is None:
-        info.language = options.language or "en"
+    transcription = Transcription(
+        text="".join(segment.text for segment in segments).strip(),
+        segments=segments,
+        language=language or ("en" if not vocab.is_multilingual else options.language or "en"),
+        duration=duration,
+        task=options.task,
+        language_probability=probability,
+    )
+    yield TranscriptionDone(transcription, windows=windows, fallbacks=fallbacks)
 
 
 async def _transcribe_chunk(
@@ -236,19 +248,16 @@ async def _transcribe_chunk(
     decode: DecodeFn,
     vocab: Vocabulary,
     features: FeaturesFn,
-) -> tuple[list[Segment], TranscriptionInfo]:
+) -> TranscriptionDone:
     """The long-form loop over one chunk (a tail the model leaves open is decoded again from
     its last timestamp, as in a long file), its times mapped back to the original audio."""
     samples = chunk.samples(audio)
-    info = TranscriptionInfo(duration=len(samples) / SAMPLE_RATE)
-    segments = [
-        s async for s in transcribe_segments(samples, options, decode, vocab, features, info)
-    ]
-    for segment in segments:
+    done = await transcribe(samples, options, decode, vocab, features)
+    for segment in done.transcription.segments:
         segment.seek = round(chunk.to_original(segment.seek * HOP_LENGTH / SAMPLE_RATE) * 100)
         segment.start = chunk.to_original(segment.start)
         segment.end = chunk.to_original(segment.end, end=True)
         for word in segment.words:
             word.start = chunk.to_original(word.start)
             word.end = chunk.to_original(word.end, end=True)
-    return segments, info
+    return done

@@ -14,8 +14,13 @@ from typing import assert_never
 from pydantic import BaseModel
 
 from ..transcript import Segment, Transcription
+from .diarize import SpeakerSegment
 from .protocol import (
     LANGUAGES,
+    BadRequest,
+    DiarizedSegmentModel,
+    TokenLogprob,
+    TranscriptionDiarized,
     TranscriptionJSON,
     TranscriptionRequest,
     TranscriptionSegmentModel,
@@ -33,16 +38,22 @@ SSE_MEDIA_TYPE = "text/event-stream"
 
 
 def render(
-    result: Transcription, request: TranscriptionRequest | TranslationRequest
+    result: Transcription,
+    request: TranscriptionRequest | TranslationRequest,
+    speakers: list[SpeakerSegment] | None = None,
 ) -> tuple[str | dict, str]:
     """Return the response body and its media type for ``request.response_format``.
 
-    ``include=["logprobs"]`` adds nothing: the result carries no per-token log-probabilities
-    (OpenAI itself only returns them for its gpt-4o models, not whisper-1).
+    ``speakers``: the diarized segments, which ``diarized_json`` needs (and only it).
+
+    ``include=["logprobs"]`` adds the text tokens' log-probabilities to ``json``, the only
+    format OpenAI returns them in.
     """
     match request.response_format:
         case "json":
-            body = TranscriptionJSON(text=result.text, usage=usage(result))
+            body = TranscriptionJSON(
+                text=result.text, usage=usage(result), logprobs=logprobs(result.segments, request)
+            )
             return body.model_dump(exclude_none=True), JSON_MEDIA_TYPE
         case "verbose_json":
             return verbose_json(result, request), JSON_MEDIA_TYPE
@@ -52,6 +63,13 @@ def render(
             return srt(result.segments), TEXT_MEDIA_TYPE
         case "vtt":
             return vtt(result.segments), VTT_MEDIA_TYPE
+        case "diarized_json":
+            if speakers is None:  # a route that does not diarize (yet)
+                raise BadRequest(
+                    "response_format 'diarized_json' is not available on this route.",
+                    param="response_format",
+                )
+            return diarized_json(result, speakers), JSON_MEDIA_TYPE
         case _:
             assert_never(request.response_format)
 
@@ -94,6 +112,27 @@ def verbose_json(result: Transcription, request: TranscriptionRequest | Translat
     )
     # Lists that were not asked for are left out rather than sent as null.
     return body.model_dump(exclude_none=True)
+
+
+def diarized_segment(segment: SpeakerSegment) -> DiarizedSegmentModel:
+    """A diarized segment, as in ``diarized_json`` and as a ``transcript.text.segment`` event."""
+    return DiarizedSegmentModel(
+        id=f"seg_{segment.id}",
+        start=segment.start,
+        end=segment.end,
+        text=segment.text.strip(),
+        speaker=segment.speaker,
+    )
+
+
+def diarized_json(result: Transcription, speakers: list[SpeakerSegment]) -> dict:
+    body = TranscriptionDiarized(
+        duration=result.duration,
+        text=result.text,
+        segments=[diarized_segment(segment) for segment in speakers],
+        usage=usage(result),
+    )
+    return body.model_dump()
 
 
 def _segment_model(segment: Segment) -> TranscriptionSegmentModel:
@@ -143,9 +182,22 @@ def vtt(segments: list[Segment]) -> str:
     return "WEBVTT\n\n" + "".join(f"{timing}\n{text}\n\n" for timing, text in _cues(segments, "."))
 
 
-def done_event(result: Transcription) -> TranscriptTextDone:
-    """The last stream event: the whole text and the same usage as ``json``."""
-    return TranscriptTextDone(text=result.text, usage=usage(result))
+def done_event(
+    result: Transcription, request: TranscriptionRequest | TranslationRequest
+) -> TranscriptTextDone:
+    """The last stream event: the whole text and the same usage (and logprobs) as ``json``."""
+    return TranscriptTextDone(
+        text=result.text, usage=usage(result), logprobs=logprobs(result.segments, request)
+    )
+
+
+def logprobs(
+    segments: list[Segment], request: TranscriptionRequest | TranslationRequest
+) -> list[TokenLogprob] | None:
+    """The segments' token log-probabilities where ``include[]=logprobs`` asked for them."""
+    if "logprobs" not in getattr(request, "include", ()):
+        return None
+    return [TokenLogprob(**vars(item)) for segment in segments for item in segment.logprobs]
 
 
 def sse(event: BaseModel | dict) -> bytes:

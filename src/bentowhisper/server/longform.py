@@ -19,9 +19,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from transformers import WhisperFeatureExtractor
 
-from ..transcript import Segment, Transcription, Word
+from ..transcript import Segment, TokenLogprob, Transcription, Word
 from ..vocabulary import Vocabulary
 from ..wire import N_FRAMES, DecodeJob, DecodeResult
 from .audio import SAMPLE_RATE
@@ -35,7 +34,7 @@ INPUT_STRIDE = 2  # mel frames per timestamp step (3000 frames / 1500 positions)
 SILENCE_PEAK = 1e-4
 
 DecodeFn = Callable[[list[DecodeJob]], Awaitable[list[DecodeResult]]]
-FeaturesFn = Callable[[np.ndarray], np.ndarray]
+FeaturesFn = Callable[[np.ndarray], np.ndarray]  # samples -> log-mel (a .features.LogMel)
 
 
 class DecodeError(RuntimeError):
@@ -72,23 +71,11 @@ class TranscribeOptions:
 class TranscriptionInfo:
     """Filled in as decoding goes: the language is known once the first window is decoded."""
 
-    duration: float
     language: str | None = None
     language_probability: float = 1.0
     windows: int = 0
     fallbacks: int = 0  # windows decoded again at a higher temperature
     segments: list[Segment] = field(default_factory=list)
-
-
-def log_mel(feature_extractor: WhisperFeatureExtractor) -> FeaturesFn:
-    """The features function of a checkpoint: a window of samples, zero-padded to 30 s."""
-
-    def features(window: np.ndarray) -> np.ndarray:
-        return feature_extractor(
-            window, sampling_rate=SAMPLE_RATE, return_tensors="np"
-        ).input_features[0]
-
-    return features
 
 
 def window_features(features: FeaturesFn, window: np.ndarray, segment_size: int) -> np.ndarray:
@@ -110,15 +97,34 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
-async def transcribe_segments(
+@dataclass(frozen=True)
+class SegmentDecoded:
+    """A segment, as soon as its window is decoded (a stream's delta)."""
+
+    segment: Segment
+
+
+@dataclass(frozen=True)
+class TranscriptionDone:
+    """The whole transcription, last; with what the metrics count."""
+
+    transcription: Transcription
+    windows: int  # windows decoded (fallback attempts not counted)
+    fallbacks: int  # windows decoded again at a higher temperature
+
+
+TranscriptionEvent = SegmentDecoded | TranscriptionDone
+
+
+async def transcribe_events(
     audio: np.ndarray,
     options: TranscribeOptions,
     decode: DecodeFn,
     vocab: Vocabulary,
     features: FeaturesFn,
-    info: TranscriptionInfo,
-) -> AsyncIterator[Segment]:
-    """Yield segments window by window; ``info`` is updated as the language becomes known."""
+) -> AsyncIterator[TranscriptionEvent]:
+    """Yield each segment as its window is decoded, then :class:`TranscriptionDone`."""
+    info = TranscriptionInfo()
     content_frames = len(audio) // HOP_LENGTH
     initial_prompt = vocab.encode(" " + options.prompt.strip()) if options.prompt else []
     context: list[int] = list(initial_prompt)
@@ -162,13 +168,23 @@ async def transcribe_segments(
             segment.id = len(info.segments)
             info.segments.append(segment)
             context.extend(segment.tokens)
-            yield segment
+            yield SegmentDecoded(segment)
         if not options.condition_on_previous_text or (
             result.temperature > options.prompt_reset_on_temperature
         ):
             prompt_reset_since = len(context)
-    if info.language is None:
-        info.language = language or "en"
+    yield TranscriptionDone(
+        Transcription(
+            text="".join(segment.text for segment in info.segments).strip(),
+            segments=info.segments,
+            language=info.language or language or "en",
+            duration=len(audio) / SAMPLE_RATE,
+            task=options.task,
+            language_probability=info.language_probability,
+        ),
+        windows=info.windows,
+        fallbacks=info.fallbacks,
+    )
 
 
 async def transcribe(
@@ -177,22 +193,12 @@ async def transcribe(
     decode: DecodeFn,
     vocab: Vocabulary,
     features: FeaturesFn,
-) -> Transcription:
-    info = TranscriptionInfo(duration=len(audio) / SAMPLE_RATE)
-    async for _ in transcribe_segments(audio, options, decode, vocab, features, info):
-        pass
-    return to_transcription(info, options)
-
-
-def to_transcription(info: TranscriptionInfo, options: TranscribeOptions) -> Transcription:
-    return Transcription(
-        text="".join(segment.text for segment in info.segments).strip(),
-        segments=info.segments,
-        language=info.language or "en",
-        duration=info.duration,
-        task=options.task,
-        language_probability=info.language_probability,
-    )
+) -> TranscriptionDone:
+    """The whole transcription at once (what the events end with)."""
+    async for event in transcribe_events(audio, options, decode, vocab, features):
+        if isinstance(event, TranscriptionDone):
+            return event
+    raise AssertionError("transcribe_events ended without TranscriptionDone")
 
 
 async def _decode_with_fallback(
@@ -205,11 +211,11 @@ async def _decode_with_fallback(
     """Decode at each temperature of the schedule until the text passes the checks."""
     result: DecodeResult | None = None
     for attempt, temperature in enumerate(options.temperatures):
-        result = await _decode_to_end(job.model_copy(update={"temperature": temperature}), decode)
+        result = await _decode_to_end(job.at_temperature(temperature), decode)
         if attempt:
             info.fallbacks += 1
         if job.language is None:  # keep the language detected on the first attempt
-            job = job.model_copy(update={"language": result.language})
+            job = job.in_language(result.language)
         if not _needs_fallback(result, options, vocab):
             break
     assert result is not None
@@ -217,21 +223,18 @@ async def _decode_with_fallback(
 
 
 async def _decode_to_end(job: DecodeJob, decode: DecodeFn) -> DecodeResult:
-    """Decode one window, resubmitting it with its tokens so far while it comes back unfinished."""
+    """Decode one window, resubmitting it with its tokens so far while it comes back unfinished.
+
+    Later slices go without the features while the model service holds the window's encoder
+    output; one it has evicted comes back ``evicted`` and is sent again with them."""
     (first,) = await decode([job])
-    result = first
+    result, current = first, job
     while not result.error and not result.done:
-        job = job.model_copy(
-            update={
-                "resume": result.tokens,
-                "resume_logprob": result.sum_logprob,
-                "language": result.language,  # detected by the first slice
-            }
-        )
-        (result,) = await decode([job])
+        current = current.with_features_of(job) if result.evicted else current.resumed(result)
+        (result,) = await decode([current])
     if result.error:
         raise DecodeError(result.error)
-    return result.model_copy(update={"language_probability": first.language_probability})
+    return result.detected_with(first)
 
 
 def _needs_fallback(result: DecodeResult, options: TranscribeOptions, vocab: Vocabulary) -> bool:
@@ -269,9 +272,10 @@ def _split_segments(
     ratio = compression_ratio(window_text)
     content_end = offset + segment_size * HOP_LENGTH / SAMPLE_RATE
 
-    def make(piece: list[int], start: float, end: float) -> Segment:
+    def make(lo: int, hi: int, start: float, end: float) -> Segment:
         # a closing timestamp may lie past the end of the audio (a short last window)
         end = max(start, min(end, content_end))
+        piece = tokens[lo:hi]
         return Segment(
             id=0,
             seek=seek,
@@ -283,16 +287,16 @@ def _split_segments(
             avg_logprob=result.avg_logprob,
             compression_ratio=ratio,
             no_speech_prob=result.no_speech_prob,
+            logprobs=_token_logprobs(vocab, piece, result.token_logprobs[lo:hi]),
         )
 
     if boundaries:
         cuts = boundaries + ([len(tokens)] if single_ending else [])
         segments, last = [], 0
         for cut in cuts:
-            piece = tokens[last:cut]
-            start = offset + (piece[0] - ts_begin) * vocab.time_precision
-            end = offset + (piece[-1] - ts_begin) * vocab.time_precision
-            segments.append(make(piece, start, end))
+            start = offset + (tokens[last] - ts_begin) * vocab.time_precision
+            end = offset + (tokens[cut - 1] - ts_begin) * vocab.time_precision
+            segments.append(make(last, cut, start, end))
             last = cut
         if single_ending:
             return segments, segment_size
@@ -302,7 +306,19 @@ def _split_segments(
     timestamps = [t for t in tokens if t >= ts_begin]
     if timestamps and timestamps[-1] != ts_begin:
         duration = (timestamps[-1] - ts_begin) * vocab.time_precision
-    return [make(tokens, offset, offset + duration)], segment_size
+    return [make(0, len(tokens), offset, offset + duration)], segment_size
+
+
+def _token_logprobs(
+    vocab: Vocabulary, tokens: list[int], logprobs: list[float]
+) -> list[TokenLogprob]:
+    """``include[]=logprobs``: each text token's text, log-probability and UTF-8 bytes (a
+    result without per-token log-probabilities, e.g. a test's, gives none)."""
+    return [
+        TokenLogprob(text, logprob, list(text.encode()))
+        for token, logprob in zip(tokens, logprobs, strict=False)
+        if token < vocab.eot and (text := vocab.decode([token]))
+    ]
 
 
 def _add_words(

@@ -166,6 +166,11 @@ def normalize_language(value: str) -> str:
 # Requests
 
 
+MAX_KNOWN_SPEAKERS = 4  # OpenAI's limit on known_speaker_names[]
+# A base64 data URL (RFC 2397): media type and parameters, then the payload.
+_DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+(?:;[\w.+-]+=[^;,]*)*;base64,[A-Za-z0-9+/=\s]+$")
+
+
 class ServerVadChunking(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -209,13 +214,59 @@ class TranslationRequest(_AudioRequest):
 class TranscriptionRequest(_AudioRequest):
     """``POST /v1/audio/transcriptions``."""
 
+    # Only transcriptions diarize; redeclared here, it keeps its place before the validators'.
+    response_format: ResponseFormat | Literal["diarized_json"] = "json"
     language: str | None = None  # normalised to Whisper's code; None means detect
     # Declared after response_format, so the validator below can see it.
     timestamp_granularities: list[TimestampGranularity] = Field(default_factory=lambda: ["segment"])
     stream: bool = False
-    # Accepted for compatibility; Whisper has no per-token logprobs to return (see formats.py).
+    # ["logprobs"]: json and stream events carry each text token's log-probability.
     include: list[Include] = Field(default_factory=list)
     chunking_strategy: ChunkingStrategy | None = None
+    # Diarization (transcriptions only): speakers named by 2-10 s samples of their voice. The
+    # references come first so the names' validator (run even when no names are sent) sees them.
+    known_speaker_references: list[str] = Field(default_factory=list, max_length=MAX_KNOWN_SPEAKERS)
+    known_speaker_names: list[str] = Field(
+        default_factory=list, max_length=MAX_KNOWN_SPEAKERS, validate_default=True
+    )
+
+    @field_validator("known_speaker_references")
+    @classmethod
+    def _data_urls(cls, value: list[str]) -> list[str]:
+        for reference in value:
+            if not _DATA_URL.match(reference):
+                raise PydanticCustomError(
+                    "not_a_data_url",
+                    "each reference must be a base64 data URL of audio "
+                    "('data:audio/wav;base64,...')",
+                )
+        return value
+
+    @field_validator("known_speaker_names")
+    @classmethod
+    def _one_name_per_reference(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if "known_speaker_references" not in info.data:  # already reported
+            return value
+        references = info.data["known_speaker_references"]
+        if len(set(value)) != len(value):
+            raise PydanticCustomError("duplicate_speaker_names", "the names must be distinct")
+        if value and not references:
+            raise PydanticCustomError(
+                "names_without_references",
+                "known_speaker_references[] must give one audio sample per name",
+            )
+        if len(value) != len(references):
+            raise PydanticCustomError(
+                "references_without_names",
+                "one name is needed per known_speaker_references[] entry "
+                "({references} references, {names} names)",
+                {"references": len(references), "names": len(value)},
+            )
+        return value
+
+    @property
+    def diarize(self) -> bool:
+        return self.response_format == "diarized_json"
 
     @field_validator("language")
     @classmethod
@@ -253,7 +304,10 @@ class TranscriptionRequest(_AudioRequest):
 
 # Wire form keys: ``name``, ``name[]`` (repeated arrays), ``name[3]`` and ``name[key]`` (objects).
 _FORM_KEY = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:\[(?P<sub>[A-Za-z0-9_]*)\])?$")
-_LIST_FIELDS = frozenset({"timestamp_granularities", "include"})
+_LIST_FIELDS = frozenset(
+    {"timestamp_granularities", "include", "known_speaker_names", "known_speaker_references"}
+)
+_NO_COMMA_SPLIT = frozenset({"known_speaker_references"})  # a data URL has a comma
 _OBJECT_FIELDS = frozenset({"chunking_strategy"})
 
 
@@ -279,7 +333,7 @@ def parse_form(
             continue
         if name in _LIST_FIELDS:
             # ``name[]=a`` repeated (the SDK) or ``name=a,b`` / ``name=a`` repeated (others).
-            parts = [value] if sub is not None else value.split(",")
+            parts = [value] if sub is not None or name in _NO_COMMA_SPLIT else value.split(",")
             data.setdefault(name, []).extend(part.strip() for part in parts if part.strip())
         elif name in _OBJECT_FIELDS:
             if sub:  # chunking_strategy[threshold]=0.5
@@ -422,9 +476,10 @@ def bad_request_from_validation(exc: ValidationError) -> BadRequest:
         return BadRequest(f"Missing required parameter: '{param}'.", param=param)
     # For a list item or a chunking_strategy field the input is that item, so the message
     # still shows the exact offending value.
-    return BadRequest(
-        f"Invalid value {error['input']!r} for '{param}': {error['msg']}.", param=param
-    )
+    shown = repr(error["input"])
+    if len(shown) > 200:  # a rejected data URL can be megabytes
+        shown = shown[:200] + "..."
+    return BadRequest(f"Invalid value {shown} for '{param}': {error['msg']}.", param=param)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,12 +539,36 @@ class TranscriptionVerbose(BaseModel):
 class TranscriptTextDelta(BaseModel):
     type: Literal["transcript.text.delta"] = "transcript.text.delta"
     delta: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 class TranscriptTextDone(BaseModel):
     type: Literal["transcript.text.done"] = "transcript.text.done"
     text: str
     usage: TranscriptionUsage | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+class DiarizedSegmentModel(BaseModel):
+    """A segment of ``diarized_json``, and with ``stream=true`` a ``transcript.text.segment``
+    event (the same fields)."""
+
+    type: Literal["transcript.text.segment"] = "transcript.text.segment"
+    id: str
+    start: float
+    end: float
+    text: str
+    speaker: str  # a known speaker's name, else "A", "B", ... by first appearance
+
+
+class TranscriptionDiarized(BaseModel):
+    """``response_format=diarized_json``."""
+
+    task: Literal["transcribe"] = "transcribe"
+    duration: float
+    text: str
+    segments: list[DiarizedSegmentModel]
+    usage: TranscriptionUsage
 
 
 class Model(BaseModel):

@@ -1,4 +1,7 @@
-"""Start and stop ``bentoml serve service:BentoWhisper`` the way a user does, for end-to-end tests.
+"""What the tests share: where the eval set is, media made with FFmpeg, raw HTTP, metrics, and
+a ``bentoml serve service:BentoWhisper`` started and stopped the way a user does.
+
+Test modules import this module (``tests`` is on pytest's ``pythonpath``), never each other.
 
 BentoML's arbiter starts each service worker in a session of its own (``setsid``), and the
 workers start FFmpeg, so killing the process group of ``bentoml serve`` is not enough to be sure
@@ -10,13 +13,17 @@ below the arbiter (pid plus start time, so a reused pid is not mistaken for ours
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,12 +33,104 @@ except ImportError:  # pragma: no cover - depends on the installed packages
     import httpx2 as httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-READY_TIMEOUT_S = 120.0
+# The shared eval set sits beside the repository (``<clone>/../shared/eval``), wherever the
+# repository is cloned; BENTOWHISPER_EVAL_DIR points elsewhere when set.
+EVAL_DIR = Path(os.environ.get("BENTOWHISPER_EVAL_DIR") or REPO_ROOT.parent / "shared" / "eval")
+ERROR_KEYS = {"message", "type", "param", "code"}  # OpenAI's error envelope, all four always
+READY_TIMEOUT_S = 300.0  # both services load under the load of a shared 2-core CI machine
 PROBE_TIMEOUT_S = 2.0  # BentoML's /readyz can hang while the services start: never wait long
 STOP_GRACE_S = 10.0
 
 # A process identity that survives pid reuse: (pid, start time in clock ticks since boot).
 ProcKey = tuple[int, int]
+
+
+# jfk.flac re-encoded into each container users send: name -> (file name, FFmpeg options).
+ENCODINGS: dict[str, tuple[str, list[str]]] = {
+    "wav": ("jfk.wav", ["-c:a", "pcm_s16le"]),
+    "flac": ("jfk.flac", ["-c:a", "flac"]),
+    "mp3": ("jfk.mp3", ["-c:a", "libmp3lame", "-b:a", "128k"]),
+    "m4a_faststart": ("jfk_fast.m4a", ["-c:a", "aac", "-b:a", "128k", "-movflags", "+faststart"]),
+    "m4a_moov_at_end": ("jfk_end.m4a", ["-c:a", "aac", "-b:a", "128k"]),
+    "mp4": ("jfk.mp4", ["-c:a", "aac", "-b:a", "128k", "-f", "mp4"]),
+    "mpeg": ("jfk.mpeg", ["-c:a", "mp2", "-b:a", "192k", "-f", "mpeg"]),
+    "ogg": ("jfk.ogg", ["-c:a", "libvorbis", "-q:a", "5"]),
+    "opus": ("jfk.opus", ["-c:a", "libopus", "-b:a", "64k", "-f", "opus"]),
+    "webm": ("jfk.webm", ["-c:a", "libopus", "-b:a", "64k", "-f", "webm"]),
+    "aiff": ("jfk.aiff", ["-c:a", "pcm_s16be", "-f", "aiff"]),
+}
+
+Part = tuple[str, bytes | str, str | None, str | None]  # name, value, filename, content type
+
+
+def reference(clip_id: str) -> str:
+    """The human reference transcript of ``clip_id`` from the eval manifest."""
+    with open(EVAL_DIR / "manifest.jsonl", encoding="utf-8") as manifest:
+        for line in manifest:
+            entry = json.loads(line)
+            if entry["id"] == clip_id:
+                return entry["text"]
+    raise KeyError(clip_id)
+
+
+def ffmpeg(*args: str, out_name: str = "out") -> bytes:
+    """Run FFmpeg (the binary the server finds) with ``args`` (all but the output) and return
+    what it wrote.
+
+    The output is a real file, not a pipe: the mp4 muxers need to seek back for their index;
+    ``out_name``'s extension picks the container where ``args`` name none (``-f``).
+    """
+    from bentowhisper.server.audio import find_ffmpeg
+
+    cmd = [find_ffmpeg(), "-nostdin", "-hide_banner", "-loglevel", "error"]
+    with tempfile.TemporaryDirectory(prefix="media-") as tmp:
+        out = Path(tmp) / out_name
+        done = subprocess.run([*cmd, *args, "-y", str(out)], capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        return out.read_bytes()
+
+
+def multipart(parts: Iterable[Part], boundary: str = "corpus-boundary-7d1f") -> tuple[bytes, str]:
+    """A multipart/form-data body written by hand, so that every byte is the test's choice;
+    returns it and its Content-Type."""
+    out = io.BytesIO()
+    for name, value, filename, content_type in parts:
+        out.write(f"--{boundary}\r\n".encode())
+        disposition = f'Content-Disposition: form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        out.write(disposition.encode() + b"\r\n")
+        if content_type is not None:
+            out.write(f"Content-Type: {content_type}\r\n".encode())
+        out.write(b"\r\n")
+        out.write(value.encode() if isinstance(value, str) else value)
+        out.write(b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def http_request(method: str, path: str, headers: dict[str, str], body: bytes = b"") -> bytes:
+    """An HTTP/1.1 request as bytes, for a raw socket."""
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples on ``url``/metrics whose labels include
+    ``labels``."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{key}="{wanted}"' in head for key, wanted in labels.items()):
+            total += float(value)
+    return total
 
 
 def free_port() -> int:

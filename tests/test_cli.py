@@ -1,0 +1,183 @@
+"""The ``bentowhisper`` command line, run as a user runs it, on real audio and a real server.
+
+``transcribe`` writes srt for the 106 s long-form dev clip in-process (with its progress bar);
+``transcribe --url`` sends the same files to ``bentowhisper serve`` and must write the same
+bytes. tiny.en keeps the two long decodes short on 2 shared cores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import jiwer
+import pytest
+from support import EVAL_DIR, REPO_ROOT, BentoServer, free_port, reference
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from bentowhisper.launcher import wait_ready
+
+LONGFORM = EVAL_DIR / "audio/longform/ljspeech_LJ001-0001_to_0016.flac"
+JFK = EVAL_DIR / "audio/en_misc/jfk.flac"
+MODEL = "tiny.en"
+CLI = [sys.executable, "-m", "bentowhisper.cli"]
+SRT_CUE = re.compile(
+    r"(\d+)\n(\d\d):(\d\d):(\d\d),(\d{3}) --> (\d\d):(\d\d):(\d\d),(\d{3})\n(.+?)\n\n", re.S
+)
+
+english = EnglishTextNormalizer()
+
+
+def cli(
+    *args: str | Path, env: dict[str, str], timeout: float = 600
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CLI, *map(str, args)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def seconds(h: str, m: str, s: str, ms: str) -> float:
+    return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
+
+
+@pytest.fixture(scope="module")
+def cli_env(converted_models_dir: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "BENTOWHISPER_MODELS_DIR": str(converted_models_dir),
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+
+
+@pytest.fixture(scope="module")
+def local_srt(cli_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+    """``bentowhisper transcribe LONGFORM JFK --format srt --model tiny.en --output-dir D``."""
+    out = tmp_path_factory.mktemp("cli-local")
+    done = cli(
+        "transcribe",
+        LONGFORM,
+        JFK,
+        "--format",
+        "srt",
+        "--model",
+        MODEL,
+        "--output-dir",
+        out,
+        env=cli_env,
+    )
+    assert done.returncode == 0, done.stderr
+    return done, out
+
+
+@pytest.fixture(scope="module")
+def served(cli_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``bentowhisper serve --model tiny.en --port P``, ready; yields its URL."""
+    tmp = tmp_path_factory.mktemp("cli-serve")
+    port = free_port()
+    log_path = tmp / "serve.log"
+    env = {**cli_env, "BENTOML_HOME": str(tmp / "bentoml-home")}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [*CLI, "serve", "--model", MODEL, "--port", str(port)],
+            cwd=tmp,  # anywhere: the CLI finds service.py itself
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = BentoServer(proc=proc, port=port, log_path=log_path, env=env)
+    try:
+        wait_ready(server.url, timeout_s=400, proc=proc)
+        server.track()
+        yield server.url
+    except BaseException as exc:
+        raise RuntimeError(f"{exc}\n{server.log_tail()}") from exc
+    finally:
+        shutdown = server.stop()
+        assert not shutdown.leftovers, shutdown.leftovers
+
+
+def test_transcribe_writes_srt_of_a_long_file_with_progress(local_srt) -> None:
+    done, out = local_srt
+    srt = (out / f"{LONGFORM.stem}.srt").read_text()
+    cues = SRT_CUE.findall(srt)
+    assert "".join(m.group(0) for m in SRT_CUE.finditer(srt)) == srt  # nothing but cues
+    assert [int(cue[0]) for cue in cues] == list(range(1, len(cues) + 1))
+    times = [(seconds(*cue[1:5]), seconds(*cue[5:9])) for cue in cues]
+    assert all(start < end for start, end in times)
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(times))
+    assert len(cues) >= 5 and 100.0 <= times[-1][1] <= 106.6, times[-1]
+    text = " ".join(cue[9] for cue in cues)
+    wer = jiwer.wer(english(reference(LONGFORM.stem)), english(text))
+    assert wer < 0.1, (wer, text)
+    # The bar: updated as windows finish (several states on the way), complete at the end.
+    states = re.findall(r"(\d+\.\d)/106\.5 s audio", done.stderr)
+    assert states[-1] == "106.5" and len(set(states)) >= 4, done.stderr[-2000:]
+    # The short clip gets no bar; both written files are named on stderr.
+    assert "jfk.flac:" not in done.stderr
+    assert str(out / "jfk.srt") in done.stderr and str(out / f"{LONGFORM.stem}.srt") in done.stderr
+
+
+def test_transcribe_url_gives_what_the_engine_gives(local_srt, served, cli_env, tmp_path) -> None:
+    _, local = local_srt
+    done = cli(
+        "transcribe",
+        LONGFORM,
+        JFK,
+        "--format",
+        "srt",
+        "--model",
+        MODEL,
+        "--url",
+        served,
+        "--output-dir",
+        tmp_path,
+        env=cli_env,
+    )
+    assert done.returncode == 0, done.stderr
+    for name in (f"{LONGFORM.stem}.srt", "jfk.srt"):
+        assert (tmp_path / name).read_text() == (local / name).read_text(), name
+
+
+def test_transcribe_url_prints_json_to_stdout(served, cli_env) -> None:
+    done = cli("transcribe", JFK, "--format", "json", "--url", served, env=cli_env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith('{"text":"And so my fellow Americans ask not what'), done.stdout
+    assert done.stdout.endswith(',"usage":{"type":"duration","seconds":11}}\n'), done.stdout
+
+
+def test_transcribe_reports_bad_files_and_goes_on(cli_env, tmp_path) -> None:
+    missing, empty = tmp_path / "missing.wav", tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    done = cli("transcribe", missing, empty, JFK, "--model", MODEL, env=cli_env)
+    assert done.returncode == 1
+    assert f"bentowhisper: {missing}: " in done.stderr and "No such file" in done.stderr
+    assert f"bentowhisper: {empty}: The audio file is empty" in done.stderr
+    assert "ask not what your country can do for you" in done.stdout.replace(",", "")
+
+
+def test_transcribe_rejects_a_language_the_model_lacks(cli_env) -> None:
+    done = cli("transcribe", JFK, "--model", MODEL, "--language", "German", env=cli_env)
+    assert done.returncode == 1
+    assert "'tiny.en' is English-only; --language de" in done.stderr
+    unknown = cli("transcribe", JFK, "--language", "klingon", env=cli_env)
+    assert unknown.returncode == 2 and "not a language Whisper knows" in unknown.stderr
+
+
+def test_serve_fails_fast_on_a_bad_profile(cli_env, tmp_path) -> None:
+    profile = tmp_path / "bad.yaml"
+    profile.write_text("model: base\nbatch_sizes: 8\n")
+    done = cli("serve", "--config", profile, "--port", str(free_port()), env=cli_env, timeout=60)
+    assert done.returncode != 0
+    assert "unknown settings" in done.stderr and "batch_sizes" in done.stderr

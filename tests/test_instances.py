@@ -1,0 +1,169 @@
+"""Two servers on one machine, started with ``bentowhisper serve`` as a user starts them.
+
+From the moment the first is started a probe asks ``/readyz`` every 0.2 s, and keeps asking
+while both are stopped with SIGTERM: no probe may wait more than 2 s, the answers go from
+"nothing listening" / 503 to 200, and the log says when it is ready. Each server's ``/metrics``
+counts only its own requests; each request is logged once, and the internal ``/decode`` calls
+only where ``BENTOWHISPER_LOG_DECODE_REQUESTS`` turns them on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import openai
+import pytest
+from support import EVAL_DIR, BentoServer, free_port, metric
+
+from bentowhisper.launcher import probe, wait_ready
+
+JFK = EVAL_DIR / "audio/en_misc/jfk.flac"
+MODEL = "tiny.en"
+PROBE_EVERY_S = 0.2
+PROBE_LIMIT_S = 2.0
+STOP_GRACE_S = 30.0  # BentoML's own graceful shutdown, with probes and a request in flight
+
+
+@dataclass
+class Prober:
+    """``GET /readyz`` every 0.2 s from a thread: (seconds since start, status, seconds taken);
+    status None means nothing answered (refused, or no answer within 10 s)."""
+
+    url: str
+    started: float = field(default_factory=time.monotonic)
+    probes: list[tuple[float, int | None, float]] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            sent = time.monotonic()
+            status = probe(self.url + "/readyz", timeout_s=10.0)
+            self.probes.append((sent - self.started, status, time.monotonic() - sent))
+            self.done.wait(max(0.0, PROBE_EVERY_S - (time.monotonic() - sent)))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=15)
+
+
+def start(tmp: Path, env: dict[str, str]) -> BentoServer:
+    port = free_port()
+    log_path = tmp / "serve.log"
+    full_env = {**os.environ, **env, "BENTOML_HOME": str(tmp / "bentoml-home")}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentowhisper.cli", "serve", "--model", MODEL, "--port",
+             str(port)],
+            cwd=tmp,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    return BentoServer(proc=proc, port=port, log_path=log_path, env=full_env)
+
+
+@pytest.fixture(scope="module")
+def servers(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """(first, its prober, second): the second logs its decode calls."""
+    env = {"BENTOWHISPER_MODELS_DIR": str(converted_models_dir)}
+    first = start(tmp_path_factory.mktemp("first"), env)
+    prober = Prober(first.url)
+    second = start(
+        tmp_path_factory.mktemp("second"), {**env, "BENTOWHISPER_LOG_DECODE_REQUESTS": "true"}
+    )
+    try:
+        for server in (first, second):
+            try:
+                wait_ready(server.url, timeout_s=400, proc=server.proc)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"{exc}\n{server.log_tail()}") from exc
+            server.track()
+        yield first, prober, second
+    finally:
+        prober.stop()
+        for server in (first, second):
+            server.stop()
+
+
+def transcribe(server: BentoServer) -> str:
+    client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
+    with open(JFK, "rb") as audio:
+        return client.audio.transcriptions.create(model="whisper-1", file=audio).text
+
+
+def requests_total(server: BentoServer) -> float:
+    return metric(
+        server.url, "bentowhisper_requests_total", endpoint="transcriptions", status="200"
+    )
+
+
+def test_ready_fast_and_announced(servers) -> None:
+    first, prober, _ = servers
+    time.sleep(1.0)  # a few probes after the first 200
+    probes = list(prober.probes)
+    statuses = [status for _, status, _ in probes]
+    assert 200 in statuses and statuses[-1] == 200, probes[-5:]
+    slowest = max(took for _, _, took in probes)
+    assert slowest <= PROBE_LIMIT_S, [p for p in probes if p[2] > PROBE_LIMIT_S]
+    before = statuses[: statuses.index(200)]
+    assert set(before) <= {None, 503}, sorted(set(before), key=str)
+    ready = re.search(
+        rf"ready on http://localhost:{first.port} \(model {re.escape(MODEL)}, device cpu, "
+        r"dtype torch\.(bfloat16|float32)\)",
+        first.log_tail(200_000),
+    )
+    assert ready, first.log_tail()
+
+
+def test_each_instance_counts_its_own_requests(servers) -> None:
+    first, _, second = servers
+    before = requests_total(first), requests_total(second)
+    assert "ask not what your country" in transcribe(first)
+    for _ in range(2):
+        transcribe(second)
+    assert (requests_total(first), requests_total(second)) == (before[0] + 1, before[1] + 2)
+
+
+def test_one_log_line_per_request(servers) -> None:
+    first, _, second = servers
+    transcribe(first)
+    transcribe(second)
+    time.sleep(0.5)
+    line = re.compile(
+        r"request (\w+) POST /v1/audio/transcriptions status=200 audio=11\.00s time=\d+\.\d{3}s"
+    )
+    for server in (first, second):
+        log = server.log_tail(500_000)
+        ids = line.findall(log)
+        assert ids and len(ids) == len(set(ids)), log[-3000:]
+        assert "path=/v1/audio/transcriptions" not in log  # BentoML's own access line is off
+    assert "path=/decode" not in first.log_tail(500_000)
+    assert "path=/decode" in second.log_tail(500_000)
+
+
+def test_sigterm_stops_cleanly_with_probes_in_flight(servers) -> None:
+    first, prober, second = servers
+    for server in (first, second):
+        server.track()
+        sent = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=STOP_GRACE_S)
+        assert time.monotonic() - sent < STOP_GRACE_S
+    shutdowns = [server.stop() for server in (first, second)]  # left-over workers
+    assert all(shutdown.graceful for shutdown in shutdowns), shutdowns
+    assert max(took for _, _, took in prober.probes) <= PROBE_LIMIT_S
