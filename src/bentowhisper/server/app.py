@@ -161,7 +161,7 @@ async def _transcribe(request: Request, *, translation: bool) -> Response:
         options = serving.request_options(params, backend)
         audio = await serving.decode_upload(data, backend.settings)
         note_audio(request.scope, len(audio) / SAMPLE_RATE)
-        events = backend.events(audio, options)
+        events = backend.events(audio, options, getattr(params, "chunking_strategy", None))
 
         async def disconnected() -> None:
             # the body has been read, so the next message can only be the client's leaving
