@@ -26,9 +26,9 @@ from pathlib import Path
 
 import jiwer
 import numpy as np
-from bentowhisper.launcher import start_server
 from evaluate import load_manifest, normalise
 
+from bentowhisper.launcher import start_server
 from bentowhisper.server.audio import SAMPLE_RATE, decode_audio, find_ffmpeg
 
 REPO = Path(__file__).resolve().parents[1]
