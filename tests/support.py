@@ -6,6 +6,8 @@ Test modules import this module (``tests`` is on pytest's ``pythonpath``), never
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import io
 import json
 import os
@@ -13,7 +15,16 @@ import subprocess
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+import jiwer
+import numpy as np
+from whisper_normalizer.basic import BasicTextNormalizer
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from bentowhisper.config import load_settings
+from bentowhisper.engine.decoding import EncoderCache, decode_batch
+from bentowhisper.engine.loading import WhisperBundle, load_whisper
 from bentowhisper.launcher import (  # noqa: F401 - the tests' server harness, re-exported
     BentoServer,
     Shutdown,
@@ -22,6 +33,8 @@ from bentowhisper.launcher import (  # noqa: F401 - the tests' server harness, r
     free_port,
     start_server,
 )
+from bentowhisper.server.audio import SAMPLE_RATE, decode_audio
+from bentowhisper.wire import DecodeJob, DecodeResult
 
 try:  # openai >= 3 talks through the httpx2 fork; any httpx-like client does for probes
     import httpx
@@ -121,3 +134,135 @@ def metric(url: str, name: str, **labels: str) -> float:
         if all(f'{key}="{wanted}"' in head for key, wanted in labels.items()):
             total += float(value)
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# transcripts and the engine in-process
+
+JFK = "audio/en_misc/jfk.flac"
+JFK_TEXT = (
+    "And so, my fellow Americans, ask not what your country can do for you, "
+    "ask what you can do for your country."
+)
+LONGFORM = "audio/longform/ljspeech_LJ001-0001_to_0016.flac"
+CLIP = EVAL_DIR / "audio" / "en_ljspeech" / "LJ001-0001.wav"  # 9.7 s, one reader, dev set
+# The engine as the CPU profile serves it (dtype and quantization auto, the hybrid attention),
+# without this environment's overrides.
+PROFILE = load_settings({})
+english = EnglishTextNormalizer()
+basic = BasicTextNormalizer()
+
+
+def wer(ref: str, hyp: str, normalizer=english) -> float:
+    return jiwer.wer(normalizer(ref), normalizer(hyp))
+
+
+@functools.cache
+def load_audio(path: str) -> np.ndarray:
+    """16 kHz mono samples of an eval clip (``path`` relative to the eval folder)."""
+    return decode_audio(EVAL_DIR / path)
+
+
+def manifest() -> dict[str, dict[str, Any]]:
+    lines = (EVAL_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+    return {clip["id"]: clip for clip in map(json.loads, filter(None, lines))}
+
+
+def words(text: str) -> list[str]:
+    return basic(text).split()
+
+
+class Batcher:
+    """A decode function for concurrent transcriptions: the windows pending when the previous
+    batch finishes (after they stop arriving for ``settle`` seconds) share one
+    :func:`decode_batch` call, with an encoder cache as the model service has (``capacity=0``:
+    one that always lost the window, so every resumed slice comes back ``evicted``)."""
+
+    def __init__(
+        self, bundle: WhisperBundle, settle: float = 0.25, max_batch: int = 32, capacity: int = 64
+    ):
+        self.bundle, self.settle, self.max_batch = bundle, settle, max_batch
+        self.cache = EncoderCache(capacity=capacity)
+        self.evicted = 0
+        self.pending: list[tuple[list[DecodeJob], asyncio.Future[list[DecodeResult]]]] = []
+        self.worker: asyncio.Task[None] | None = None
+        self.sizes: list[int] = []
+
+    async def __call__(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
+        future: asyncio.Future[list[DecodeResult]] = asyncio.get_running_loop().create_future()
+        self.pending.append((jobs, future))
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._work())
+        return await future
+
+    async def _work(self) -> None:
+        while self.pending:
+            seen = -1
+            while seen != len(self.pending):  # let the other requests' windows arrive
+                seen = len(self.pending)
+                await asyncio.sleep(self.settle)
+            batch: list[tuple[list[DecodeJob], asyncio.Future[list[DecodeResult]]]] = []
+            size = 0
+            while self.pending and (not batch or size + len(self.pending[0][0]) <= self.max_batch):
+                batch.append(self.pending.pop(0))
+                size += len(batch[-1][0])
+            self.sizes.append(size)
+            try:
+                flat = [job for jobs, _ in batch for job in jobs]
+                results = await asyncio.to_thread(decode_batch, self.bundle, flat, self.cache)
+                self.evicted += sum(result.evicted for result in results)
+            except BaseException as exc:  # never leave a request waiting forever
+                for _, future in batch:
+                    future.set_exception(exc)
+                raise
+            for jobs, future in batch:
+                future.set_result(results[: len(jobs)])
+                results = results[len(jobs) :]
+
+
+def load_profile_model(converted_models_dir, name: str) -> WhisperBundle:
+    return load_whisper(
+        str(converted_models_dir / name),
+        device="cpu",
+        dtype=PROFILE.dtype,
+        attn_implementation=PROFILE.attn_implementation,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# noise for the VAD and chunking tests
+
+
+def white(seconds: float, dbfs: float, seed: int = 0) -> np.ndarray:
+    noise = np.random.default_rng(seed).standard_normal(int(seconds * SAMPLE_RATE))
+    return scaled(noise, dbfs)
+
+
+def pink(seconds: float, dbfs: float, seed: int = 0) -> np.ndarray:
+    """1/f noise: white noise shaped in the frequency domain."""
+    n = int(seconds * SAMPLE_RATE)
+    spectrum = np.fft.rfft(np.random.default_rng(seed).standard_normal(n))
+    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1))
+    return scaled(np.fft.irfft(spectrum, n), dbfs)
+
+
+def hum(seconds: float, hz: float, dbfs: float) -> np.ndarray:
+    """Mains hum: the fundamental and its odd harmonics, as a transformer's buzz has."""
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    wave = sum(np.sin(2 * np.pi * hz * k * t) / k for k in (1, 3, 5, 7))
+    return scaled(wave, dbfs)
+
+
+def scaled(signal: np.ndarray, dbfs: float) -> np.ndarray:
+    """``signal`` at an RMS level of ``dbfs``."""
+    rms = np.sqrt(np.mean(np.square(signal)))
+    return (signal * (10 ** (dbfs / 20) / rms)).clip(-1, 1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# realtime: limits of the tight-limit server (conftest's ``rt_server``)
+
+MAX_TURN_S = 15.0
+MAX_MESSAGE_KB = 64
+IDLE_TIMEOUT_S = 4.0
+MAX_SESSIONS = 12

@@ -19,18 +19,21 @@ import numpy as np
 import openai
 import pytest
 from openai.types.audio import TranscriptionVerbose
-from test_transcribe import (
+from support import (
     JFK,
     JFK_TEXT,
     LONGFORM,
     Batcher,
     english,
+    hum,
     load_audio,
     load_profile_model,
     manifest,
+    pink,
+    scaled,
+    white,
     words,
 )
-from test_vad import hum, pink, scaled, white
 
 from bentowhisper.config import load_settings
 from bentowhisper.engine.loading import WhisperBundle

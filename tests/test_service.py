@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jiwer
 import openai
 import pytest
 from openai.types.audio import (
@@ -28,7 +27,7 @@ from openai.types.audio import (
     TranscriptionVerbose,
     Translation,
 )
-from support import ERROR_KEYS, EVAL_DIR, reference
+from support import ERROR_KEYS, EVAL_DIR, reference, wer
 from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
@@ -56,10 +55,6 @@ pytestmark = pytest.mark.skipif(not JFK.exists(), reason=f"eval set not found at
 
 def words(text: str) -> list[str]:
     return english(text).split()
-
-
-def wer(ref: str, hyp: str, normalizer=english) -> float:
-    return jiwer.wer(normalizer(ref), normalizer(hyp))
 
 
 def audio(path: Path) -> tuple[str, bytes, str]:
