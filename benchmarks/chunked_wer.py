@@ -22,8 +22,8 @@ from whisper_normalizer.english import EnglishTextNormalizer
 
 from bentowhisper.config import load_settings
 from bentowhisper.engine.checkpoints import EMBEDDED, ensure_converted
-from bentowhisper.engine.decoding import EncoderCache, decode_batch
 from bentowhisper.engine.loading import WhisperBundle, load_whisper
+from bentowhisper.engine.local import Batcher
 from bentowhisper.server.audio import decode_audio
 from bentowhisper.server.chunked import request_events
 from bentowhisper.server.features import LogMel
@@ -31,47 +31,16 @@ from bentowhisper.server.longform import (
     TranscribeOptions,
     TranscriptionDone,
 )
-from bentowhisper.wire import DecodeJob, DecodeResult
 
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "eval"
 ENGLISH = ["en_librispeech", "en_ljspeech", "en_misc", "fleurs_en", "longform"]
-
-
-class Batcher:
-    """Decode calls pending at the same moment go to one ``decode_batch`` call."""
-
-    def __init__(self, bundle: WhisperBundle, max_batch: int) -> None:
-        self.bundle, self.max_batch = bundle, max_batch
-        self.pending: list[tuple[list[DecodeJob], asyncio.Future]] = []
-        self.worker: asyncio.Task | None = None
-        self.cache = EncoderCache(capacity=2 * max_batch)
-
-    async def __call__(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((jobs, future))
-        if self.worker is None or self.worker.done():
-            self.worker = asyncio.create_task(self._work())
-        return await future
-
-    async def _work(self) -> None:
-        while self.pending:
-            await asyncio.sleep(0.01)  # let the calls made on this loop turn arrive
-            batch, size = [], 0
-            while self.pending and (not batch or size + len(self.pending[0][0]) <= self.max_batch):
-                batch.append(self.pending.pop(0))
-                size += len(batch[-1][0])
-            flat = [job for jobs, _ in batch for job in jobs]
-            results = await asyncio.to_thread(decode_batch, self.bundle, flat, self.cache)
-            for jobs, future in batch:
-                future.set_result(results[: len(jobs)])
-                results = results[len(jobs) :]
 
 
 async def run_group(
     bundle: WhisperBundle, clips: list[dict], strategy: str, max_batch: int, in_flight: int
 ) -> tuple[list[str], float]:
     settings = load_settings({"BENTOWHISPER_MAX_CHUNKS_IN_FLIGHT": str(in_flight)})
-    decode = Batcher(bundle, max_batch)
+    decode = Batcher(bundle, settle=0.01, max_batch=max_batch)
     features = LogMel.from_checkpoint(bundle.checkpoint)
     options = TranscribeOptions(language="en", slice_tokens=settings.slice_tokens)
 
