@@ -8,6 +8,7 @@ stands in front of the routes (authentication, upload limit, paths) is in :mod:`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -227,17 +228,18 @@ class _Speakers:
         self, events: AsyncIterator[TranscriptionEvent]
     ) -> AsyncIterator[TranscriptionEvent | SpeakersFound]:
         assert self.backend.embed is not None  # checked by _known_speakers
-        async for event in events:
-            if isinstance(event, TranscriptionDone):
-                self.found = await diarize.speaker_segments(
-                    self.audio,
-                    event.transcription.segments,
-                    self.backend.embed,
-                    max_speakers=self.backend.settings.max_speakers,
-                    known=self.known,
-                )
-                yield SpeakersFound(self.found)
-            yield event
+        async with contextlib.aclosing(events):  # a stopped run stops the decoding too
+            async for event in events:
+                if isinstance(event, TranscriptionDone):
+                    self.found = await diarize.speaker_segments(
+                        self.audio,
+                        event.transcription.segments,
+                        self.backend.embed,
+                        max_speakers=self.backend.settings.max_speakers,
+                        known=self.known,
+                    )
+                    yield SpeakersFound(self.found)
+                yield event
 
 
 async def _read_form(
