@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+from bentowhisper.launcher import free_port, start_server
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from support import free_port, start_server  # noqa: E402 - the test suite's server harness
 
 PY = sys.executable
 PEER_PY = REPO / "benchmarks/peer/.venv/bin/python"

@@ -44,6 +44,7 @@ code on tiny shapes, batch 1 and 2, a few tokens, float32 and bfloat16.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import itertools
 import json
@@ -145,13 +146,20 @@ def load_clips(bundle: Path) -> list[Clip]:
         return [Clip(i, data[f"pcm_{n}"].astype(np.float32) / 32768.0) for n, i in enumerate(ids)]
 
 
+@functools.cache
+def log_mel(checkpoint: str) -> Any:
+    from bentowhisper.server.features import LogMel
+
+    return LogMel.from_checkpoint(checkpoint)
+
+
 def window_job(bundle: Any, audio: np.ndarray, **fields: Any) -> Any:
     """The DecodeJob the service sends for a clip of at most 30 s (longform's features)."""
-    from bentowhisper.server.longform import HOP_LENGTH, log_mel, window_features
+    from bentowhisper.server.longform import HOP_LENGTH, window_features
     from bentowhisper.wire import N_FRAMES, DecodeJob
 
     frames = min(N_FRAMES, len(audio) // HOP_LENGTH)
-    mel = window_features(log_mel(bundle.feature_extractor), audio, frames)
+    mel = window_features(log_mel(bundle.checkpoint), audio, frames)
     return DecodeJob.for_window(mel, num_frames=frames, **fields)
 
 
@@ -444,7 +452,8 @@ class DtypeChecks:
         return self._agree(tokens, "rows_as_alone", {"batch": len(self.clips)})
 
     def sliced(self) -> dict:
-        """Every window in slices of SLICE tokens, resumed as the long-form loop resumes them."""
+        """Every window in slices of SLICE tokens, resumed as the long-form loop resumes them:
+        later slices without features, from the encoder output the cache holds."""
         from bentowhisper.engine.decoding import EncoderCache
 
         cache = EncoderCache(capacity=len(self.clips))
@@ -455,12 +464,13 @@ class DtypeChecks:
             calls += 1
             results = self.decode(list(jobs.values()), cache)
             for (cid, job), result in zip(list(jobs.items()), results, strict=True):
+                if result.evicted:
+                    raise RuntimeError(f"{cid}: evicted from a cache that holds every window")
                 if result.done:
                     final[cid] = result.tokens
                     del jobs[cid]
                 else:
-                    update = {"resume": result.tokens, "resume_logprob": result.sum_logprob}
-                    jobs[cid] = job.model_copy(update=update)
+                    jobs[cid] = job.resumed(result)
         return self._agree(final, "windows_as_whole", {"calls": calls, "cache_left": len(cache)})
 
     def words(self) -> dict:

@@ -11,7 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import EVAL_DIR, REPO_ROOT, start_server
+from support import (
+    EVAL_DIR,
+    IDLE_TIMEOUT_S,
+    MAX_MESSAGE_KB,
+    MAX_SESSIONS,
+    MAX_TURN_S,
+    REPO_ROOT,
+    start_server,
+)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -89,3 +97,31 @@ def api_key(server) -> Iterator[str]:
         yield key
     finally:
         server.api_key_file.write_text("")
+
+
+@pytest.fixture(scope="module")
+def rt_server(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``bentoml serve`` with tiny.en and tight realtime limits, so the limits can be hit."""
+    tmp = tmp_path_factory.mktemp("realtime-serve")
+    (tmp / "api-keys").write_text("")
+    env = {
+        "BENTOML_HOME": str(tmp / "bentoml-home"),
+        "BENTOWHISPER_MODELS_DIR": str(converted_models_dir),
+        "BENTOWHISPER_MODEL": "tiny.en",
+        "BENTOWHISPER_API_KEY_FILE": str(tmp / "api-keys"),
+        "BENTOWHISPER_REALTIME_MAX_TURN_S": str(MAX_TURN_S),
+        "BENTOWHISPER_REALTIME_MAX_MESSAGE_KB": str(MAX_MESSAGE_KB),
+        "BENTOWHISPER_REALTIME_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
+        "BENTOWHISPER_REALTIME_MAX_SESSIONS": str(MAX_SESSIONS),
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    running = start_server(log_dir=tmp, env=env)
+    running.api_key_file = tmp / "api-keys"
+    try:
+        running.wait_ready(timeout_s=400)  # two cores shared with other test runs
+    except BaseException:
+        running.stop()
+        raise
+    yield running
+    shutdown = running.stop()
+    assert not shutdown.leftovers, shutdown.leftovers

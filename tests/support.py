@@ -1,31 +1,40 @@
 """What the tests share: where the eval set is, media made with FFmpeg, raw HTTP, metrics, and
-a ``bentoml serve service:BentoWhisper`` started and stopped the way a user does.
+(from :mod:`bentowhisper.launcher`) a ``bentoml serve`` started and stopped the way a user does.
 
 Test modules import this module (``tests`` is on pytest's ``pythonpath``), never each other.
-
-BentoML's arbiter starts each service worker in a session of its own (``setsid``), and the
-workers start FFmpeg, so killing the process group of ``bentoml serve`` is not enough to be sure
-that nothing is left behind. :class:`BentoServer` therefore remembers every process it has seen
-below the arbiter (pid plus start time, so a reused pid is not mistaken for ours) and, at
-:meth:`BentoServer.stop`, signals and checks all of them.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import functools
 import io
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import jiwer
+import numpy as np
+from whisper_normalizer.basic import BasicTextNormalizer
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from bentowhisper.config import load_settings
+from bentowhisper.engine.decoding import EncoderCache, decode_batch
+from bentowhisper.engine.loading import WhisperBundle, load_whisper
+from bentowhisper.launcher import (  # noqa: F401 - the tests' server harness, re-exported
+    BentoServer,
+    Shutdown,
+    bentoml_command,
+    descendants,
+    free_port,
+    start_server,
+)
+from bentowhisper.server.audio import SAMPLE_RATE, decode_audio
+from bentowhisper.wire import DecodeJob, DecodeResult
 
 try:  # openai >= 3 talks through the httpx2 fork; any httpx-like client does for probes
     import httpx
@@ -37,12 +46,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # repository is cloned; BENTOWHISPER_EVAL_DIR points elsewhere when set.
 EVAL_DIR = Path(os.environ.get("BENTOWHISPER_EVAL_DIR") or REPO_ROOT.parent / "shared" / "eval")
 ERROR_KEYS = {"message", "type", "param", "code"}  # OpenAI's error envelope, all four always
-READY_TIMEOUT_S = 300.0  # both services load under the load of a shared 2-core CI machine
-PROBE_TIMEOUT_S = 2.0  # BentoML's /readyz can hang while the services start: never wait long
-STOP_GRACE_S = 10.0
-
-# A process identity that survives pid reuse: (pid, start time in clock ticks since boot).
-ProcKey = tuple[int, int]
 
 
 # jfk.flac re-encoded into each container users send: name -> (file name, FFmpeg options).
@@ -133,212 +136,133 @@ def metric(url: str, name: str, **labels: str) -> float:
     return total
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# --------------------------------------------------------------------------------------------
+# transcripts and the engine in-process
+
+JFK = "audio/en_misc/jfk.flac"
+JFK_TEXT = (
+    "And so, my fellow Americans, ask not what your country can do for you, "
+    "ask what you can do for your country."
+)
+LONGFORM = "audio/longform/ljspeech_LJ001-0001_to_0016.flac"
+CLIP = EVAL_DIR / "audio" / "en_ljspeech" / "LJ001-0001.wav"  # 9.7 s, one reader, dev set
+# The engine as the CPU profile serves it (dtype and quantization auto, the hybrid attention),
+# without this environment's overrides.
+PROFILE = load_settings({})
+english = EnglishTextNormalizer()
+basic = BasicTextNormalizer()
 
 
-def bentoml_command() -> list[str]:
-    """``python -m bentoml`` from this interpreter, else the ``bentoml`` script beside it."""
-    probe = subprocess.run(
-        [sys.executable, "-m", "bentoml", "--version"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"},
+def wer(ref: str, hyp: str, normalizer=english) -> float:
+    return jiwer.wer(normalizer(ref), normalizer(hyp))
+
+
+@functools.cache
+def load_audio(path: str) -> np.ndarray:
+    """16 kHz mono samples of an eval clip (``path`` relative to the eval folder)."""
+    return decode_audio(EVAL_DIR / path)
+
+
+def manifest() -> dict[str, dict[str, Any]]:
+    lines = (EVAL_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+    return {clip["id"]: clip for clip in map(json.loads, filter(None, lines))}
+
+
+def words(text: str) -> list[str]:
+    return basic(text).split()
+
+
+class Batcher:
+    """A decode function for concurrent transcriptions: the windows pending when the previous
+    batch finishes (after they stop arriving for ``settle`` seconds) share one
+    :func:`decode_batch` call, with an encoder cache as the model service has (``capacity=0``:
+    one that always lost the window, so every resumed slice comes back ``evicted``)."""
+
+    def __init__(
+        self, bundle: WhisperBundle, settle: float = 0.25, max_batch: int = 32, capacity: int = 64
+    ):
+        self.bundle, self.settle, self.max_batch = bundle, settle, max_batch
+        self.cache = EncoderCache(capacity=capacity)
+        self.evicted = 0
+        self.pending: list[tuple[list[DecodeJob], asyncio.Future[list[DecodeResult]]]] = []
+        self.worker: asyncio.Task[None] | None = None
+        self.sizes: list[int] = []
+
+    async def __call__(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
+        future: asyncio.Future[list[DecodeResult]] = asyncio.get_running_loop().create_future()
+        self.pending.append((jobs, future))
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._work())
+        return await future
+
+    async def _work(self) -> None:
+        while self.pending:
+            seen = -1
+            while seen != len(self.pending):  # let the other requests' windows arrive
+                seen = len(self.pending)
+                await asyncio.sleep(self.settle)
+            batch: list[tuple[list[DecodeJob], asyncio.Future[list[DecodeResult]]]] = []
+            size = 0
+            while self.pending and (not batch or size + len(self.pending[0][0]) <= self.max_batch):
+                batch.append(self.pending.pop(0))
+                size += len(batch[-1][0])
+            self.sizes.append(size)
+            try:
+                flat = [job for jobs, _ in batch for job in jobs]
+                results = await asyncio.to_thread(decode_batch, self.bundle, flat, self.cache)
+                self.evicted += sum(result.evicted for result in results)
+            except BaseException as exc:  # never leave a request waiting forever
+                for _, future in batch:
+                    future.set_exception(exc)
+                raise
+            for jobs, future in batch:
+                future.set_result(results[: len(jobs)])
+                results = results[len(jobs) :]
+
+
+def load_profile_model(converted_models_dir, name: str) -> WhisperBundle:
+    return load_whisper(
+        str(converted_models_dir / name),
+        device="cpu",
+        dtype=PROFILE.dtype,
+        attn_implementation=PROFILE.attn_implementation,
     )
-    if probe.returncode == 0:
-        return [sys.executable, "-m", "bentoml"]
-    script = Path(sys.executable).with_name("bentoml")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("bentoml")
-    if found:
-        return [found]
-    raise RuntimeError(f"cannot run bentoml: {probe.stderr.strip()[-500:]}")
 
 
-def _stat(pid: int) -> tuple[int, int, str] | None:
-    """(ppid, start time, command line) of a live process, or None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may hold spaces: split after the last ')'.
-    rest = raw[raw.rindex(")") + 2 :].split()
-    if rest[0] == "Z":  # a zombie is dead; its parent just has not reaped it yet
-        return None
-    return int(rest[1]), int(rest[19]), cmdline.replace(b"\0", b" ").decode(errors="replace")
+# --------------------------------------------------------------------------------------------
+# noise for the VAD and chunking tests
 
 
-def _alive(key: ProcKey) -> str | None:
-    """The command line of the process ``key`` if it still runs, else None."""
-    info = _stat(key[0])
-    return info[2] if info is not None and info[1] == key[1] else None
+def white(seconds: float, dbfs: float, seed: int = 0) -> np.ndarray:
+    noise = np.random.default_rng(seed).standard_normal(int(seconds * SAMPLE_RATE))
+    return scaled(noise, dbfs)
 
 
-def descendants(root: int) -> dict[ProcKey, str]:
-    """Every live process below ``root`` (not ``root`` itself), with its command line."""
-    children: dict[int, list[tuple[int, int, str]]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            info = _stat(int(entry))
-            if info is not None:
-                children.setdefault(info[0], []).append((int(entry), info[1], info[2]))
-    found: dict[ProcKey, str] = {}
-    todo = [root]
-    while todo:
-        for pid, started, cmdline in children.get(todo.pop(), []):
-            if (pid, started) not in found:
-                found[(pid, started)] = cmdline
-                todo.append(pid)
-    return found
+def pink(seconds: float, dbfs: float, seed: int = 0) -> np.ndarray:
+    """1/f noise: white noise shaped in the frequency domain."""
+    n = int(seconds * SAMPLE_RATE)
+    spectrum = np.fft.rfft(np.random.default_rng(seed).standard_normal(n))
+    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1))
+    return scaled(np.fft.irfft(spectrum, n), dbfs)
 
 
-@dataclass
-class BentoServer:
-    """A running ``bentoml serve``; see :func:`start_server`."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-    env: dict[str, str]
-    seen: dict[ProcKey, str] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:<port>``, the server root (BentoML's /readyz, /metrics)."""
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        """The OpenAI base URL: ``<url>/v1``."""
-        return self.url + "/v1"
-
-    def log_tail(self, chars: int = 6000) -> str:
-        """The end of the server's combined stdout and stderr."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError as exc:
-            return f"<no log: {exc}>"
-        return text[-chars:]
-
-    def track(self) -> dict[ProcKey, str]:
-        """Remember the processes now running below the server (workers, FFmpeg)."""
-        self.seen.update(descendants(self.proc.pid))
-        return self.seen
-
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Poll ``GET /readyz`` until 200; RuntimeError with the log tail if it never comes."""
-        deadline = time.monotonic() + timeout_s
-        last = "no probe yet"
-        with httpx.Client(timeout=PROBE_TIMEOUT_S) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"bentoml serve exited with {self.proc.returncode} before it was ready;"
-                        f" log tail:\n{self.log_tail()}"
-                    )
-                try:
-                    response = client.get(self.url + "/readyz")
-                    last = f"HTTP {response.status_code}"
-                    if response.status_code == 200:
-                        self.track()
-                        return
-                except httpx.HTTPError as exc:
-                    last = f"{type(exc).__name__}: {exc}"
-                time.sleep(0.5)
-        raise RuntimeError(
-            f"bentoml serve not ready after {timeout_s:.0f} s (last probe: {last}); "
-            f"log tail:\n{self.log_tail()}"
-        )
-
-    def stop(self) -> Shutdown:
-        """SIGINT, 10 s grace, SIGINT again, then SIGKILL for the group and every process seen.
-
-        BentoML's workers run in sessions of their own, so the group kill alone would miss them:
-        every process ever seen below the server (:meth:`track`) is killed too.
-        """
-        self.track()
-        pgid = self.proc.pid  # start_new_session=True: the arbiter leads its own group
-        for grace in (STOP_GRACE_S, 5.0):
-            if self.proc.poll() is not None:
-                break
-            try:
-                os.killpg(pgid, signal.SIGINT)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.track()
-        # Workers exit a moment after the arbiter; give them that moment.
-        deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline and (
-            self.proc.poll() is None or any(map(_alive, self.seen))
-        ):
-            time.sleep(0.2)
-        killed = [f"{self.proc.pid}: bentoml serve (arbiter)"] if self.proc.poll() is None else []
-        killed += [f"{key[0]}: {cmd}" for key in self.seen if (cmd := _alive(key))]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-        for key in self.seen:
-            if _alive(key):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(key[0], signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and any(map(_alive, self.seen)):
-            time.sleep(0.1)
-        leftovers = [f"{key[0]}: {cmd}" for key in self.seen if (cmd := _alive(key))]
-        with open(self.log_path, "a") as log:
-            log.write(f"\n[test harness] stopped; needed SIGKILL: {killed}; left: {leftovers}\n")
-        return Shutdown(killed=killed, leftovers=leftovers)
+def hum(seconds: float, hz: float, dbfs: float) -> np.ndarray:
+    """Mains hum: the fundamental and its odd harmonics, as a transformer's buzz has."""
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    wave = sum(np.sin(2 * np.pi * hz * k * t) / k for k in (1, 3, 5, 7))
+    return scaled(wave, dbfs)
 
 
-@dataclass(frozen=True)
-class Shutdown:
-    """How :meth:`BentoServer.stop` went."""
-
-    killed: list[str]  # processes that ignored both SIGINTs and had to be SIGKILLed
-    leftovers: list[str]  # processes still running even after SIGKILL
-
-    @property
-    def graceful(self) -> bool:
-        return not self.killed and not self.leftovers
+def scaled(signal: np.ndarray, dbfs: float) -> np.ndarray:
+    """``signal`` at an RMS level of ``dbfs``."""
+    rms = np.sqrt(np.mean(np.square(signal)))
+    return (signal * (10 ** (dbfs / 20) / rms)).clip(-1, 1).astype(np.float32)
 
 
-def start_server(
-    *,
-    log_dir: Path,
-    env: dict[str, str] | None = None,
-    port: int | None = None,
-    cwd: Path = REPO_ROOT,
-) -> BentoServer:
-    """Run ``bentoml serve service:BentoWhisper --port PORT`` from ``cwd`` in a new session.
+# --------------------------------------------------------------------------------------------
+# realtime: limits of the tight-limit server (conftest's ``rt_server``)
 
-    ``env`` is added to (and overrides) the current environment; ``BENTOML_DO_NOT_TRACK`` is
-    always set. Output goes to ``log_dir/bentoml-serve.log``. Returns once the process has been
-    started; call :meth:`BentoServer.wait_ready` next.
-    """
-    port = port or free_port()
-    log_path = log_dir / "bentoml-serve.log"
-    full_env = {**os.environ, **(env or {}), "BENTOML_DO_NOT_TRACK": "true"}
-    full_env.setdefault("PYTHONUNBUFFERED", "1")
-    command = [*bentoml_command(), "serve", "service:BentoWhisper", "--port", str(port)]
-    with open(log_path, "wb") as log:
-        log.write(f"$ {' '.join(command)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(
-            command,
-            cwd=cwd,
-            env=full_env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return BentoServer(proc=proc, port=port, log_path=log_path, env=full_env)
+MAX_TURN_S = 15.0
+MAX_MESSAGE_KB = 64
+IDLE_TIMEOUT_S = 4.0
+MAX_SESSIONS = 12

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from gpu_check import QUANT_MIN_ELEMENTS, dequantize, quantize
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-from gpu_check import QUANT_MIN_ELEMENTS, dequantize, quantize  # noqa: E402
 
 TIMEOUT_S = 900
 

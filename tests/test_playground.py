@@ -18,9 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import free_port, httpx, reference
-from test_realtime import CLIP, rt_server  # noqa: F401 (rt_server: a fixture)
-from test_service import wer
+from support import CLIP, free_port, httpx, reference, wer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [
@@ -69,7 +67,7 @@ class DevTools:
 
 
 @pytest.fixture
-def browser(rt_server, tmp_path: Path):  # noqa: F811 (the imported fixture)
+def browser(rt_server, tmp_path: Path):
     from websockets.sync.client import connect
 
     if CHROMIUM is None:

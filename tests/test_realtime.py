@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import EVAL_DIR
+from support import CLIP, IDLE_TIMEOUT_S, MAX_MESSAGE_KB, MAX_SESSIONS, english, wer
 
 from bentowhisper.server.audio import find_ffmpeg
 from bentowhisper.server.realtime.codecs import AudioDecoder, Resampler
@@ -29,8 +29,6 @@ from bentowhisper.server.realtime.events import (
     parse_client_event,
 )
 from bentowhisper.server.realtime.session import Limits, Session
-
-CLIP = EVAL_DIR / "audio" / "en_ljspeech" / "LJ001-0001.wav"  # 9.7 s, one reader, dev set
 
 
 def ffmpeg_raw(path: Path, rate: int, fmt: str = "s16le") -> bytes:
@@ -233,41 +231,6 @@ def test_manual_buffer_rules() -> None:
 # --------------------------------------------------------------------------------------------
 # End to end: a real `bentoml serve`, the openai SDK's realtime client
 
-MAX_TURN_S = 15.0
-MAX_MESSAGE_KB = 64
-IDLE_TIMEOUT_S = 4.0
-MAX_SESSIONS = 12
-
-
-@pytest.fixture(scope="module")
-def rt_server(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """``bentoml serve`` with tiny.en and tight realtime limits, so the limits can be hit."""
-    from support import start_server
-
-    tmp = tmp_path_factory.mktemp("realtime-serve")
-    (tmp / "api-keys").write_text("")
-    env = {
-        "BENTOML_HOME": str(tmp / "bentoml-home"),
-        "BENTOWHISPER_MODELS_DIR": str(converted_models_dir),
-        "BENTOWHISPER_MODEL": "tiny.en",
-        "BENTOWHISPER_API_KEY_FILE": str(tmp / "api-keys"),
-        "BENTOWHISPER_REALTIME_MAX_TURN_S": str(MAX_TURN_S),
-        "BENTOWHISPER_REALTIME_MAX_MESSAGE_KB": str(MAX_MESSAGE_KB),
-        "BENTOWHISPER_REALTIME_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
-        "BENTOWHISPER_REALTIME_MAX_SESSIONS": str(MAX_SESSIONS),
-        "OMP_WAIT_POLICY": "PASSIVE",
-    }
-    running = start_server(log_dir=tmp, env=env)
-    running.api_key_file = tmp / "api-keys"
-    try:
-        running.wait_ready(timeout_s=400)  # two cores shared with other test runs
-    except BaseException:
-        running.stop()
-        raise
-    yield running
-    shutdown = running.stop()
-    assert not shutdown.leftovers, shutdown.leftovers
-
 
 def _client(server, key: str = "none"):
     from openai import AsyncOpenAI
@@ -326,7 +289,6 @@ async def _events_until_completed(connection, turns: int = 1, timeout: float = 2
 
 def _file_wer(server) -> tuple[float, str]:
     from openai import OpenAI
-    from test_service import wer
 
     client = OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
     with open(CLIP, "rb") as audio:
@@ -342,7 +304,6 @@ def _reference() -> str:
 
 @pytest.mark.slow
 def test_server_vad_streams_deltas_before_speech_stops(rt_server) -> None:
-    from test_service import english, wer
 
     pcm = ffmpeg_raw(CLIP, 24000)
 
@@ -379,7 +340,6 @@ def test_server_vad_streams_deltas_before_speech_stops(rt_server) -> None:
 def test_manual_commits_and_beta_names(rt_server) -> None:
     """``turn_detection: null``: the client commits; deltas come while the buffer grows.
     Through the beta client, whose session event is ``transcription_session.update``."""
-    from test_service import wer
 
     pcm = ffmpeg_raw(CLIP, 24000)
 

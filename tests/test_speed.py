@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EVAL_DIR, reference
+from support import EVAL_DIR, reference
 
 from bentowhisper.engine.decoding import decode_batch
 from bentowhisper.engine.loading import load_whisper
@@ -19,7 +19,8 @@ from bentowhisper.engine.speed import (
     quantized_parts,
 )
 from bentowhisper.server.audio import decode_audio
-from bentowhisper.server.longform import HOP_LENGTH, WINDOW_SAMPLES, log_mel
+from bentowhisper.server.features import LogMel
+from bentowhisper.server.longform import HOP_LENGTH, WINDOW_SAMPLES
 from bentowhisper.wire import DecodeJob
 
 AVX2 = CpuFeatures("AVX2", bf16=False)
@@ -87,7 +88,7 @@ def test_quantized_parts() -> None:
 
 def _window(bundle, clip: str) -> DecodeJob:
     audio = decode_audio((EVAL_DIR / clip).read_bytes())
-    mel = log_mel(bundle.feature_extractor)(audio[:WINDOW_SAMPLES])
+    mel = LogMel.from_checkpoint(bundle.checkpoint)(audio[:WINDOW_SAMPLES])
     frames = min(len(audio), WINDOW_SAMPLES) // HOP_LENGTH
     return DecodeJob.for_window(mel, language="en", num_frames=frames)
 

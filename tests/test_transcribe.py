@@ -13,9 +13,7 @@ one otherwise), as the eval set's README prescribes.
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
-import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -24,11 +22,23 @@ import jiwer
 import numpy as np
 import pytest
 import torch
-from support import ENCODINGS, EVAL_DIR, ffmpeg
-from whisper_normalizer.basic import BasicTextNormalizer
-from whisper_normalizer.english import EnglishTextNormalizer
+from support import (
+    ENCODINGS,
+    EVAL_DIR,
+    JFK,
+    JFK_TEXT,
+    LONGFORM,
+    PROFILE,
+    Batcher,
+    basic,
+    english,
+    ffmpeg,
+    load_audio,
+    load_profile_model,
+    manifest,
+    words,
+)
 
-from bentowhisper.config import load_settings
 from bentowhisper.engine.decoding import EncoderCache, decode_batch
 from bentowhisper.engine.loading import WhisperBundle, load_whisper
 from bentowhisper.server.audio import decode_audio
@@ -43,20 +53,7 @@ from bentowhisper.server.longform import (
 from bentowhisper.transcript import Transcription
 from bentowhisper.wire import N_FRAMES, DecodeJob, DecodeResult
 
-JFK = "audio/en_misc/jfk.flac"
-JFK_TEXT = (
-    "And so, my fellow Americans, ask not what your country can do for you, "
-    "ask what you can do for your country."
-)
-LONGFORM = "audio/longform/ljspeech_LJ001-0001_to_0016.flac"
 FLEURS_LANGUAGES = ("de", "fr", "es", "pt")
-
-# The engine as the CPU profile serves it (bf16 where the CPU has bf16 instructions, the hybrid
-# attention), without this environment's overrides.
-PROFILE = load_settings({})
-
-english = EnglishTextNormalizer()
-basic = BasicTextNormalizer()
 
 Run = tuple[Transcription, TranscriptionDone]
 
@@ -65,74 +62,11 @@ Run = tuple[Transcription, TranscriptionDone]
 # helpers
 
 
-@functools.cache
-def load_audio(path: str) -> np.ndarray:
-    """16 kHz mono samples of an eval clip (``path`` relative to the eval folder)."""
-    return decode_audio(EVAL_DIR / path)
-
-
-def manifest() -> dict[str, dict[str, Any]]:
-    lines = (EVAL_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
-    return {clip["id"]: clip for clip in map(json.loads, filter(None, lines))}
-
-
 def group(name: str) -> list[dict[str, Any]]:
     """The clips of one eval group: the folder under ``audio/`` holding them."""
     clips = [clip for clip in manifest().values() if clip["path"].split("/")[1] == name]
     assert clips, f"no clips of group {name!r} in {EVAL_DIR / 'manifest.jsonl'}"
     return clips
-
-
-def words(text: str) -> list[str]:
-    return basic(text).split()
-
-
-class Batcher:
-    """A decode function for concurrent transcriptions: the windows pending when the previous
-    batch finishes (after they stop arriving for ``settle`` seconds) share one
-    :func:`decode_batch` call, with an encoder cache as the model service has (``capacity=0``:
-    one that always lost the window, so every resumed slice comes back ``evicted``)."""
-
-    def __init__(
-        self, bundle: WhisperBundle, settle: float = 0.25, max_batch: int = 32, capacity: int = 64
-    ):
-        self.bundle, self.settle, self.max_batch = bundle, settle, max_batch
-        self.cache = EncoderCache(capacity=capacity)
-        self.evicted = 0
-        self.pending: list[tuple[list[DecodeJob], asyncio.Future[list[DecodeResult]]]] = []
-        self.worker: asyncio.Task[None] | None = None
-        self.sizes: list[int] = []
-
-    async def __call__(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
-        future: asyncio.Future[list[DecodeResult]] = asyncio.get_running_loop().create_future()
-        self.pending.append((jobs, future))
-        if self.worker is None or self.worker.done():
-            self.worker = asyncio.create_task(self._work())
-        return await future
-
-    async def _work(self) -> None:
-        while self.pending:
-            seen = -1
-            while seen != len(self.pending):  # let the other requests' windows arrive
-                seen = len(self.pending)
-                await asyncio.sleep(self.settle)
-            batch: list[tuple[list[DecodeJob], asyncio.Future[list[DecodeResult]]]] = []
-            size = 0
-            while self.pending and (not batch or size + len(self.pending[0][0]) <= self.max_batch):
-                batch.append(self.pending.pop(0))
-                size += len(batch[-1][0])
-            self.sizes.append(size)
-            try:
-                flat = [job for jobs, _ in batch for job in jobs]
-                results = await asyncio.to_thread(decode_batch, self.bundle, flat, self.cache)
-                self.evicted += sum(result.evicted for result in results)
-            except BaseException as exc:  # never leave a request waiting forever
-                for _, future in batch:
-                    future.set_exception(exc)
-                raise
-            for jobs, future in batch:
-                future.set_result(results[: len(jobs)])
-                results = results[len(jobs) :]
 
 
 def transcribe_all(
@@ -174,15 +108,6 @@ def transcribe_plain(bundle: WhisperBundle, audio: np.ndarray, **options: Any) -
 
 # --------------------------------------------------------------------------------------------
 # models and cached results
-
-
-def load_profile_model(converted_models_dir, name: str) -> WhisperBundle:
-    return load_whisper(
-        str(converted_models_dir / name),
-        device="cpu",
-        dtype=PROFILE.dtype,
-        attn_implementation=PROFILE.attn_implementation,
-    )
 
 
 @pytest.fixture(scope="module")

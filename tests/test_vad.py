@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from support import EVAL_DIR
+from support import EVAL_DIR, hum, pink, scaled, white
 
 from bentowhisper.server.audio import decode_audio
 from bentowhisper.server.vad import (
@@ -24,32 +24,6 @@ from bentowhisper.server.vad import (
 
 JFK = EVAL_DIR / "audio/en_misc/jfk.flac"
 LONGFORM = EVAL_DIR / "audio/longform/ljspeech_LJ001-0001_to_0016.flac"
-
-
-def white(seconds: float, dbfs: float, seed: int = 0) -> np.ndarray:
-    noise = np.random.default_rng(seed).standard_normal(int(seconds * SAMPLE_RATE))
-    return scaled(noise, dbfs)
-
-
-def pink(seconds: float, dbfs: float, seed: int = 0) -> np.ndarray:
-    """1/f noise: white noise shaped in the frequency domain."""
-    n = int(seconds * SAMPLE_RATE)
-    spectrum = np.fft.rfft(np.random.default_rng(seed).standard_normal(n))
-    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1))
-    return scaled(np.fft.irfft(spectrum, n), dbfs)
-
-
-def hum(seconds: float, hz: float, dbfs: float) -> np.ndarray:
-    """Mains hum: the fundamental and its odd harmonics, as a transformer's buzz has."""
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    wave = sum(np.sin(2 * np.pi * hz * k * t) / k for k in (1, 3, 5, 7))
-    return scaled(wave, dbfs)
-
-
-def scaled(signal: np.ndarray, dbfs: float) -> np.ndarray:
-    """``signal`` at an RMS level of ``dbfs``."""
-    rms = np.sqrt(np.mean(np.square(signal)))
-    return (signal * (10 ** (dbfs / 20) / rms)).clip(-1, 1).astype(np.float32)
 
 
 NOISES = {

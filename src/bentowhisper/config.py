@@ -29,6 +29,7 @@ REPO_ROOT = next(
     Path(__file__).resolve().parents[2],
 )
 DEFAULT_PROFILE = REPO_ROOT / "configs" / "cpu.yaml"
+CHUNKING = ("auto", "none")  # values of the `chunking` setting
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,12 @@ class Settings:
     # Bearer keys; empty means no authentication.
     api_keys: list[str] = field(default_factory=list)
     api_key_file: str = ""
+    # What a request without chunking_strategy gets: "auto" (VAD chunks decoded in parallel;
+    # no audio without speech is decoded) or "none" (whisper-1's sequential loop).
+    chunking: str = "auto"
+    # Chunks of one request submitted to the model service at once (server/chunked.py).
+    max_chunks_in_flight: int = 4
+
     # BentoML's access line for every internal decode call (one per window and slice).
     log_decode_requests: bool = False
     # Realtime transcription sessions (WebSocket /v1/realtime).
@@ -77,6 +84,10 @@ class Settings:
     realtime_idle_timeout_s: float = 60.0  # a session with no client event this long is closed
     realtime_max_message_kb: float = 1024.0  # larger messages get an error event, unapplied
     realtime_partial_interval_ms: int = 700  # a growing turn is re-decoded at most this often
+
+    def __post_init__(self) -> None:
+        if self.chunking not in CHUNKING:
+            raise ValueError(f"chunking must be one of {CHUNKING}, not {self.chunking!r}")
 
     @property
     def max_upload_bytes(self) -> int:

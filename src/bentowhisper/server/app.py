@@ -166,7 +166,7 @@ async def _transcribe(request: Request, *, translation: bool) -> Response:
         known = await _known_speakers(params, backend)
         audio = await serving.decode_upload(data, backend.settings)
         note_audio(request.scope, len(audio) / SAMPLE_RATE)
-        events = backend.events(audio, options)
+        events = backend.events(audio, options, getattr(params, "chunking_strategy", None))
         speakers = None
         if isinstance(params, TranscriptionRequest) and params.diarize:
             speakers = _Speakers(audio, backend, known)

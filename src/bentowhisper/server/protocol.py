@@ -7,6 +7,7 @@ unchanged; see ``docs/openai-contract.md`` in the shared docs.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable
@@ -180,13 +181,16 @@ class ServerVadChunking(BaseModel):
 
 
 def _chunking_kind(value: Any) -> str:
-    # Route a string to the "auto" literal and anything else to the object, so a bad threshold
+    # Route a string to the literals and anything else to the object, so a bad threshold
     # is reported as such instead of as "input should be 'auto'".
-    return "auto" if isinstance(value, str) else "server_vad"
+    return "text" if isinstance(value, str) else "server_vad"
 
 
+# "none" is this server's own value (OpenAI has no such string): the sequential loop, for a
+# request that wants it where the `chunking` setting chunks requests by default.
 ChunkingStrategy = Annotated[
-    Annotated[Literal["auto"], Tag("auto")] | Annotated[ServerVadChunking, Tag("server_vad")],
+    Annotated[Literal["auto", "none"], Tag("text")]
+    | Annotated[ServerVadChunking, Tag("server_vad")],
     Discriminator(_chunking_kind),
 ]
 
@@ -336,14 +340,23 @@ def parse_form(
                 if not isinstance(data.get(name), dict):
                     data[name] = {}
                 data[name][sub] = value
-            else:  # chunking_strategy=auto
-                data[name] = value
+            else:  # chunking_strategy=auto, or the object as JSON (curl, other SDKs)
+                data[name] = _json_object_or_text(value)
         elif sub is None:
             data[name] = value  # a repeated scalar: the last one wins, as in starlette
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
         raise bad_request_from_validation(exc) from exc
+
+
+def _json_object_or_text(value: str) -> object:
+    if value.lstrip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            pass  # reported by validation as the string it is
+    return value
 
 
 # --------------------------------------------------------------------------------------------

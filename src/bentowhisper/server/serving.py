@@ -34,6 +34,7 @@ import numpy as np
 from ..config import Settings
 from ..vocabulary import Vocabulary
 from .audio import AudioDecodeError, decode_audio
+from .chunked import request_events
 from .diarize import EmbedFn
 from .longform import (
     DecodeFn,
@@ -41,7 +42,6 @@ from .longform import (
     TranscribeOptions,
     TranscriptionDone,
     TranscriptionEvent,
-    transcribe_events,
 )
 from .metrics import metrics
 from .protocol import (
@@ -129,10 +129,13 @@ class Backend:
         return keys
 
     def events(
-        self, audio: np.ndarray, options: TranscribeOptions
+        self, audio: np.ndarray, options: TranscribeOptions, chunking_strategy: object = None
     ) -> AsyncIterator[TranscriptionEvent]:
-        """The long-form loop over ``audio`` against this backend's model service."""
-        return transcribe_events(audio, options, self.decode, self.vocab, self.features)
+        """The transcription of ``audio`` against this backend's model service: VAD chunks or
+        the long-form loop, as the request's ``chunking_strategy`` and the settings say."""
+        return request_events(
+            audio, chunking_strategy, options, self.decode, self.vocab, self.features, self.settings
+        )
 
 
 def request_options(

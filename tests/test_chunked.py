@@ -1,0 +1,511 @@
+"""Chunked transcription (server/chunked.py, ``chunking_strategy``) on the real base model.
+
+The engine is driven in-process as in test_transcribe.py (its batcher shares decode calls
+between the chunks in flight, as the service's adaptive batching does); noise is generated here
+(test_vad.py). Each audio is transcribed once per module, in fixtures several tests read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import wave
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jiwer
+import numpy as np
+import openai
+import pytest
+from openai.types.audio import TranscriptionVerbose
+from support import (
+    JFK,
+    JFK_TEXT,
+    LONGFORM,
+    Batcher,
+    english,
+    hum,
+    load_audio,
+    load_profile_model,
+    manifest,
+    pink,
+    scaled,
+    white,
+    words,
+)
+
+from bentowhisper.config import load_settings
+from bentowhisper.engine.loading import WhisperBundle
+from bentowhisper.server import formats
+from bentowhisper.server.chunked import (
+    Chunk,
+    Chunking,
+    chunked_events,
+    pack_chunks,
+    resolve_chunking,
+)
+from bentowhisper.server.features import LogMel
+from bentowhisper.server.longform import (
+    SAMPLE_RATE,
+    WINDOW_SAMPLES,
+    TranscribeOptions,
+    TranscriptionDone,
+)
+from bentowhisper.server.protocol import (
+    BadRequest,
+    ServerVadChunking,
+    TranscriptionRequest,
+    parse_form,
+)
+from bentowhisper.server.vad import FRAME, SpeechRegions, VadParams, detect_speech
+from bentowhisper.server.vad import normalize_loudness as normalized
+from bentowhisper.transcript import Segment, Transcription
+from bentowhisper.wire import DecodeJob, DecodeResult
+
+AUTO = Chunking(VadParams(), normalize=True)
+LJ1, LJ2 = "audio/en_ljspeech/LJ001-0001.wav", "audio/en_ljspeech/LJ001-0002.wav"
+
+
+# --------------------------------------------------------------------------------------------
+# pure logic: packing, time mapping, the strategy
+
+
+def regions_of(*spans: tuple[float, float], seconds: float = 200.0) -> SpeechRegions:
+    regions = [(int(s * SAMPLE_RATE), int(e * SAMPLE_RATE)) for s, e in spans]
+    return SpeechRegions(regions, np.ones(int(seconds * SAMPLE_RATE) // FRAME, np.float32), 0)
+
+
+def test_regions_are_packed_into_windows_in_order() -> None:
+    speech = regions_of((0, 10), (12, 22), (24, 29), (100, 120), (121, 135), (137, 138))
+    chunks = pack_chunks(speech)
+    # 25 s; a gap of 71 s; 20 s + 14 s would be 34 s
+    assert [len(c.pieces) for c in chunks] == [3, 1, 2]
+    assert all(c.n_samples <= WINDOW_SAMPLES for c in chunks)
+    flat = [piece for chunk in chunks for piece in chunk.pieces]
+    assert flat == speech.regions
+
+
+def test_a_long_region_is_cut_at_its_quietest_frame() -> None:
+    speech = regions_of((0, 70))
+    pause = int(24.0 * SAMPLE_RATE) // FRAME
+    speech.probs[pause] = 0.1  # a pause at 24 s, in the second half of the first window
+    later = int(40.0 * SAMPLE_RATE) // FRAME
+    speech.probs[later] = 0.05  # and at 40 s, in the second half of the window from 24 s
+    chunks = pack_chunks(speech)
+    cuts = [piece[0] for chunk in chunks for piece in chunk.pieces][1:]
+    assert cuts == [pause * FRAME, later * FRAME]
+    assert all(c.n_samples <= WINDOW_SAMPLES for c in chunks)
+    assert sum(c.n_samples for c in chunks) == 70 * SAMPLE_RATE
+
+
+def test_chunk_times_map_back_to_the_original() -> None:
+    chunk = Chunk([(16000, 48000), (160000, 192000)])  # 1-3 s and 10-12 s
+    assert chunk.to_original(0.0) == 1.0
+    assert chunk.to_original(1.5) == 2.5
+    assert chunk.to_original(2.0) == 10.0  # a start at the join belongs to the later piece
+    assert chunk.to_original(2.0, end=True) == 3.0  # an end to the earlier one
+    assert chunk.to_original(3.0) == 11.0
+    assert chunk.to_original(9.0, end=True) == 12.0  # past the end: the last sample
+
+
+def test_strategy_and_setting() -> None:
+    assert resolve_chunking(None, "auto") == AUTO
+    assert resolve_chunking(None, "none") is None
+    assert resolve_chunking("none", "auto") is None  # a request opts out of the setting
+    assert resolve_chunking("auto", "none") == AUTO
+    vad = ServerVadChunking(type="server_vad", threshold=0.7, silence_duration_ms=500)
+    assert resolve_chunking(vad, "none") == Chunking(VadParams(0.7, 300, 500), normalize=False)
+    with pytest.raises(ValueError, match="chunking"):
+        load_settings({"BENTOWHISPER_CHUNKING": "sometimes"})
+    assert load_settings({}).chunking == "auto"
+
+
+def form(**fields: str) -> list[tuple[str, object]]:
+    return [("model", "whisper-1"), *fields.items()]
+
+
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        (form(chunking_strategy="auto"), "auto"),
+        (form(chunking_strategy="none"), "none"),
+        (
+            form(chunking_strategy='{"type": "server_vad", "threshold": 0.6}'),
+            ServerVadChunking(type="server_vad", threshold=0.6),
+        ),
+        (
+            [
+                ("model", "whisper-1"),
+                ("chunking_strategy[type]", "server_vad"),
+                ("chunking_strategy[prefix_padding_ms]", "100"),
+                ("chunking_strategy[silence_duration_ms]", "800"),
+            ],
+            ServerVadChunking(type="server_vad", prefix_padding_ms=100, silence_duration_ms=800),
+        ),
+    ],
+)
+def test_chunking_strategy_forms(items, expected) -> None:
+    request = parse_form(items)
+    assert isinstance(request, TranscriptionRequest)
+    assert request.chunking_strategy == expected
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        form(chunking_strategy="sometimes"),
+        form(chunking_strategy='{"type": "server_vad", "threshold": 1.5}'),
+        form(chunking_strategy='{"type": "server_vad", "prefix_padding_ms": -1}'),
+        form(chunking_strategy='{"type": "semantic_vad"}'),
+        form(chunking_strategy='{"type": "server_vad"'),  # broken JSON
+        [("model", "whisper-1"), ("chunking_strategy[silence_duration_ms]", "-5")],
+        [
+            ("model", "whisper-1"),
+            ("chunking_strategy[type]", "server_vad"),
+            ("chunking_strategy[threshold]", "high"),
+        ],
+    ],
+)
+def test_bad_chunking_strategy_is_a_400_with_param(items) -> None:
+    with pytest.raises(BadRequest) as raised:
+        parse_form(items)
+    error = raised.value.to_dict()["error"]
+    assert error["param"] == "chunking_strategy"
+    assert error["type"] == "invalid_request_error"
+    assert raised.value.status_code == 400
+
+
+# --------------------------------------------------------------------------------------------
+# the real engine
+
+
+@pytest.fixture(scope="module")
+def base(converted_models_dir) -> WhisperBundle:
+    return load_profile_model(converted_models_dir, "base")
+
+
+class Recorder:
+    """The batcher, recording every call's jobs and how many chunks were in flight at once."""
+
+    def __init__(self, bundle: WhisperBundle) -> None:
+        self.batcher = Batcher(bundle, settle=0.05)
+        self.calls: list[list[DecodeJob]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def __call__(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
+        self.calls.append(jobs)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await self.batcher(jobs)
+        finally:
+            self.in_flight -= 1
+
+
+def chunked(
+    bundle: WhisperBundle,
+    audio: np.ndarray,
+    chunking: Chunking = AUTO,
+    max_in_flight: int = 4,
+    **options: Any,
+) -> tuple[Transcription, Recorder]:
+    recorder = Recorder(bundle)
+    opts = TranscribeOptions(slice_tokens=32, **options)
+
+    async def main() -> Transcription:
+        features = LogMel.from_checkpoint(bundle.checkpoint)
+        events = chunked_events(
+            audio, chunking, opts, recorder, bundle.vocab, features, max_in_flight
+        )
+        async for event in events:
+            if isinstance(event, TranscriptionDone):
+                return event.transcription
+        raise AssertionError("no TranscriptionDone")
+
+    return asyncio.run(main()), recorder
+
+
+def speech_then(noise: Callable[[float, float], np.ndarray], level: float) -> np.ndarray:
+    return np.concatenate([load_audio(JFK), noise(90, level)])
+
+
+NOISY = {
+    "pink-50": lambda: speech_then(pink, -50),
+    "pink-40": lambda: speech_then(pink, -40),
+    "pink-30": lambda: speech_then(pink, -30),
+    "white-45": lambda: speech_then(white, -45),
+    "white-35": lambda: speech_then(white, -35),
+}
+NOISE_ONLY = {
+    "white-40": lambda: white(60, -40),
+    "pink-25": lambda: pink(60, -25),
+    "hum50-20": lambda: hum(60, 50, -20),
+    "hum60-10": lambda: hum(60, 60, -10),
+}
+
+
+@pytest.fixture(scope="module")
+def noisy_runs(base) -> dict[str, Transcription]:
+    return {name: chunked(base, make())[0] for name, make in NOISY.items()}
+
+
+@pytest.mark.parametrize("name", sorted(NOISY))
+def test_no_words_from_noise_after_speech(noisy_runs, name: str) -> None:
+    # Without VAD, 11 s of jfk then 90 s of low pink noise came back as the sentence 4 times.
+    result = noisy_runs[name]
+    jfk_seconds = len(load_audio(JFK)) / SAMPLE_RATE
+    assert len(words(result.text)) <= len(words(JFK_TEXT)), result.text
+    assert jiwer.wer(english(JFK_TEXT), english(result.text)) <= 0.1, result.text
+    assert result.segments and result.segments[-1].end <= jfk_seconds + 1.0
+
+
+@pytest.mark.parametrize("name", sorted(NOISE_ONLY))
+def test_noise_alone_is_never_decoded(base, name: str) -> None:
+    result, recorder = chunked(base, NOISE_ONLY[name]())
+    assert result.text == "" and result.segments == []
+    assert recorder.calls == []
+
+
+@pytest.fixture(scope="module")
+def gapped() -> tuple[np.ndarray, dict[str, float]]:
+    """LJ001-0001, 40 s of pink noise, jfk, 20 s of digital silence, LJ001-0002: where each
+    clip starts in the file."""
+    parts = [load_audio(LJ1), pink(40, -40), load_audio(JFK)]
+    parts += [np.zeros(20 * SAMPLE_RATE, np.float32), load_audio(LJ2)]
+    starts = np.cumsum([0] + [len(p) for p in parts])[:-1] / SAMPLE_RATE
+    return np.concatenate(parts), {"lj1": starts[0], "jfk": starts[2], "lj2": starts[4]}
+
+
+@pytest.fixture(scope="module")
+def gapped_run(base, gapped) -> tuple[Transcription, Recorder]:
+    audio, _ = gapped
+    return chunked(base, audio, word_timestamps=True, prompt="Printing. Americans.")
+
+
+def inside(time: float, regions: list[tuple[int, int]]) -> bool:
+    sample = time * SAMPLE_RATE
+    return any(
+        start - 0.02 * SAMPLE_RATE <= sample <= end + 0.02 * SAMPLE_RATE for start, end in regions
+    )
+
+
+def check_timestamps(segments: list[Segment], regions: list[tuple[int, int]]) -> None:
+    times = [t for segment in segments for t in (segment.start, segment.end)]
+    assert times == sorted(times), times
+    for segment in segments:
+        assert segment.start < segment.end
+        assert inside(segment.start, regions) and inside(segment.end, regions), segment
+        for word in segment.words:
+            assert segment.start <= word.start <= word.end <= segment.end, (word, segment)
+            assert inside(word.start, regions) and inside(word.end, regions), word
+
+
+def test_times_of_a_chunked_file_match_the_audio(gapped, gapped_run) -> None:
+    (audio, starts), (result, _) = gapped, gapped_run
+    text = english(result.text)
+    for phrase in ("printing in the only sense", "fellow americans", "comparatively modern"):
+        assert phrase in text, result.text
+    regions = detect_speech(normalized(audio)).regions
+    check_timestamps(result.segments, regions)
+
+    def start_of(phrase: str) -> float:
+        return next(s.start for s in result.segments if english(s.text).startswith(phrase))
+
+    for clip, path, phrase in (
+        ("lj1", LJ1, "printing"),
+        ("jfk", JFK, "and so my fellow americans"),
+        ("lj2", LJ2, "in being comparatively modern"),
+    ):
+        # where the clip's speech starts, by the VAD without padding on the clip alone
+        onset = detect_speech(load_audio(path), VadParams(prefix_padding_ms=0)).regions[0][0]
+        expected = starts[clip] + onset / SAMPLE_RATE
+        assert abs(start_of(phrase) - expected) <= 0.5, (clip, start_of(phrase), expected)
+    assert result.duration == pytest.approx(len(audio) / SAMPLE_RATE)
+
+
+def test_every_chunk_is_conditioned_on_the_prompt(base, gapped_run) -> None:
+    _, recorder = gapped_run
+    prompt = base.vocab.encode(" Printing. Americans.")
+    jobs = [job for call in recorder.calls for job in call]
+    assert len(jobs) >= 2 and all(job.prompt[: len(prompt)] == prompt for job in jobs)
+
+
+CUE = re.compile(r"^(\d\d:\d\d:\d\d[,.]\d\d\d) --> (\d\d:\d\d:\d\d[,.]\d\d\d)$")
+
+
+def cue_times(body: str) -> list[tuple[str, str]]:
+    return [m.groups() for line in body.splitlines() if (m := CUE.match(line))]
+
+
+def test_formats_of_a_chunked_file_are_valid(gapped_run) -> None:
+    result, _ = gapped_run
+    request = TranscriptionRequest(
+        model="whisper-1",
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+    )
+    body, _ = formats.render(result, request)
+    verbose = TranscriptionVerbose.model_validate(body)
+    assert verbose.segments and verbose.words
+    assert [s.start for s in verbose.segments] == sorted(s.start for s in verbose.segments)
+    assert [w.start for w in verbose.words] == sorted(w.start for w in verbose.words)
+    for response_format, separator in (("srt", ","), ("vtt", ".")):
+        request = TranscriptionRequest(model="whisper-1", response_format=response_format)
+        text, _ = formats.render(result, request)
+        cues = cue_times(text)
+        assert len(cues) == len(result.segments)
+        starts = [formats.timestamp(s.start, separator) for s in result.segments]
+        assert [start for start, _ in cues] == starts
+        assert all(start < end for start, end in cues)
+    assert formats.render(result, TranscriptionRequest(model="x", response_format="vtt"))[
+        0
+    ].startswith("WEBVTT")
+
+
+@pytest.fixture(scope="module")
+def longform_run(base) -> tuple[Transcription, Recorder]:
+    return chunked(base, load_audio(LONGFORM), max_in_flight=2)
+
+
+def test_long_file_chunks_are_decoded_together(longform_run) -> None:
+    result, recorder = longform_run
+    (clip,) = [c for c in manifest().values() if c["path"] == LONGFORM]
+    wer = jiwer.wer(english(clip["text"]), english(result.text))
+    print(f"long-form chunked WER {wer:.3f}")
+    assert wer <= 0.10, result.text  # what test_transcribe holds the sequential loop to
+    regions = detect_speech(normalized(load_audio(LONGFORM))).regions
+    check_timestamps(result.segments, regions)
+    # The chunks were in flight together (shared batches), never more than max_in_flight.
+    assert recorder.most_in_flight == 2
+    assert max(recorder.batcher.sizes) == 2
+    assert len(recorder.calls) >= 1 + 4  # the language probe, then 4 chunks of 106 s
+
+
+def test_a_closed_stream_stops_decoding(base) -> None:
+    """A client that leaves after the first segment: no further decode call is made."""
+    recorder = Recorder(base)
+    audio = load_audio(LONGFORM)
+
+    async def main() -> tuple[int, int]:
+        features = LogMel.from_checkpoint(base.checkpoint)
+        segments = chunked_events(
+            audio, AUTO, TranscribeOptions(slice_tokens=32), recorder, base.vocab, features, 2
+        )
+        await anext(segments)
+        await segments.aclose()  # what StreamingResponse does when the client goes
+        closed_at = len(recorder.calls)
+        await asyncio.sleep(2.0)  # a task still running would call decode again meanwhile
+        return closed_at, len(recorder.calls)
+
+    closed_at, later = asyncio.run(main())
+    assert later == closed_at
+    assert recorder.in_flight == 0
+
+
+def test_quiet_speech_is_found_with_auto_and_missed_without(base) -> None:
+    quiet = scaled(load_audio(JFK), -70)  # below what Silero hears as is
+    auto, _ = chunked(base, quiet)
+    assert jiwer.wer(english(JFK_TEXT), english(auto.text)) <= 0.1, auto.text
+    strict, _ = chunked(base, quiet, Chunking(VadParams(), normalize=False))
+    assert len(words(strict.text)) < len(words(auto.text))
+
+
+# --------------------------------------------------------------------------------------------
+# end to end: `bentoml serve` and the openai SDK
+
+
+def wav(audio: np.ndarray) -> tuple[str, bytes, str]:
+    """An SDK ``file`` argument: 16-bit PCM WAV (the server's upload limit is 4 MB)."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        out.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return ("audio.wav", buffer.getvalue(), "audio/wav")
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=300) as sdk:
+        yield sdk
+
+
+@pytest.fixture(scope="module")
+def jfk_then_noise() -> tuple[str, bytes, str]:
+    return wav(speech_then(pink, -40))
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        {},  # the `chunking` setting's default: auto
+        {"chunking_strategy": "auto"},
+        {"chunking_strategy": {"type": "server_vad", "threshold": 0.5, "silence_duration_ms": 300}},
+    ],
+    ids=["default", "auto", "server_vad"],
+)
+def test_sdk_speech_then_noise_gives_only_the_speech(client, jfk_then_noise, strategy) -> None:
+    result = client.audio.transcriptions.create(
+        model="whisper-1",
+        file=jfk_then_noise,
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+        **strategy,
+    )
+    assert len(words(result.text)) <= len(words(JFK_TEXT)), result.text
+    assert jiwer.wer(english(JFK_TEXT), english(result.text)) <= 0.1, result.text
+    assert result.segments and result.segments[-1].end <= 12.0
+    assert result.words and result.words[-1].end <= 12.0
+    assert result.duration == pytest.approx(101.0, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [("white-40", lambda: white(60, -40)), ("hum50-20", lambda: hum(60, 50, -20))],
+)
+def test_sdk_noise_alone_gives_no_words(client, name, make) -> None:
+    result = client.audio.transcriptions.create(model="whisper-1", file=wav(make()))
+    assert result.text == ""
+
+
+def test_sdk_stream_of_a_chunked_file(client, jfk_then_noise) -> None:
+    events = list(
+        client.audio.transcriptions.create(
+            model="whisper-1", file=jfk_then_noise, stream=True, chunking_strategy="auto"
+        )
+    )
+    done = events[-1]
+    assert done.type == "transcript.text.done", events
+    deltas = [event.delta for event in events[:-1]]
+    assert deltas and "".join(deltas) == done.text
+    assert words(done.text) == words(JFK_TEXT)
+
+
+def test_none_keeps_the_sequential_loop(client) -> None:
+    jfk = wav(load_audio(JFK))
+    result = client.audio.transcriptions.create(
+        model="whisper-1", file=jfk, extra_body={"chunking_strategy": "none"}
+    )
+    assert words(result.text) == words(JFK_TEXT)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        {"chunking_strategy": {"type": "server_vad", "threshold": 2}},
+        {"chunking_strategy": {"type": "server_vad", "silence_duration_ms": -1}},
+        {"chunking_strategy": "sometimes"},
+        {"extra_body": {"chunking_strategy": '{"type": "server_vad", "prefix_padding_ms": "x"}'}},
+    ],
+)
+def test_sdk_bad_chunking_strategy(client, strategy) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.audio.transcriptions.create(
+            model="whisper-1", file=wav(load_audio(JFK)[:SAMPLE_RATE]), **strategy
+        )
+    error = caught.value.response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == "chunking_strategy" and error["type"] == "invalid_request_error"
