@@ -22,8 +22,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import asyncio
 import logging
 import sys
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import aiohttp
 import bentoml
@@ -46,11 +47,14 @@ from bentowhisper.server.readiness import (
 )
 from bentowhisper.server.serving import Admission, Backend, ModelUnavailable
 from bentowhisper.vocabulary import load_vocabulary
-from bentowhisper.wire import DecodeJob, DecodeResult
+from bentowhisper.wire import DecodeJob, DecodeResult, EmbedJob, EmbedResult
 
 if TYPE_CHECKING:
     from bentowhisper.engine.decoding import EncoderCache
     from bentowhisper.engine.loading import WhisperBundle
+    from bentowhisper.engine.speakers import SpeakerEncoder as Encoder
+
+T = TypeVar("T")
 
 own_metrics_dir()  # else two servers on one machine share (and wipe) each other's counters
 configure_logging()
@@ -124,6 +128,44 @@ class WhisperModel:
         return {"model": bundle.name, "device": str(bundle.device), "dtype": str(bundle.dtype)}
 
 
+@bentoml.service(
+    name="speaker-encoder",
+    workers=1,
+    # 4.9 % of Whisper base's time on the same audio (benchmarks/speaker_cost.py): on a CPU
+    # of its own it never waits behind the decoder's batches, nor they behind it.
+    resources={"cpu": "1"},
+    traffic={"timeout": SETTINGS.request_timeout_s},
+    logging={"access": {"enabled": SETTINGS.log_decode_requests}},
+)
+class SpeakerEncoder:
+    """Speaker embeddings for ``diarized_json`` (engine/speakers.py: resemblyzer's weights)."""
+
+    def __init__(self) -> None:
+        patch_timeout_middleware()
+        # One thread loads and runs the encoder, as WhisperModel does (torch ran slower on
+        # threads other than the one that loaded it).
+        self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        self.encoder: Encoder = self.torch_thread.submit(self._load).result()
+
+    def _load(self) -> Encoder:
+        import torch
+
+        from bentowhisper.engine.speakers import SpeakerEncoder as Encoder
+
+        torch.set_num_threads(1)  # its CPU share is one core
+        return Encoder()
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=SETTINGS.max_batch_size,
+        max_latency_ms=SETTINGS.max_latency_ms,
+    )
+    async def embed(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.torch_thread, self.encoder.embed, jobs
+        )
+
+
 app = create_app()  # routes only; the backend is set in the service's __init__
 
 
@@ -137,6 +179,7 @@ app = create_app()  # routes only; the backend is set in the service's __init__
 @bentoml.asgi_app(app, path="/")
 class BentoWhisper:
     model = bentoml.depends(WhisperModel)
+    speakers = bentoml.depends(SpeakerEncoder)
     stored = STORED
 
     def __init__(self) -> None:
@@ -154,6 +197,7 @@ class BentoWhisper:
             vocab=load_vocabulary(path),
             features=LogMel.from_checkpoint(path),
             decode=self.decode_windows,
+            embed=self.embed_windows,
             admission=Admission(SETTINGS.max_concurrent_requests),
         )
 
@@ -168,17 +212,30 @@ class BentoWhisper:
         await WATCHER.stop()
 
     async def decode_windows(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
+        return await self._call_model(self._decode(jobs))
+
+    async def _call_model(self, call: Awaitable[T]) -> T:
         # A window waits at most max_latency_ms in the batcher before it is shed (503), so a
         # call still unanswered after twice that has lost its worker (in a container BentoML
         # does not restart it): give up rather than hold the request until its deadline.
         try:
-            return await asyncio.wait_for(self._decode(jobs), timeout=DECODE_CALL_TIMEOUT_S)
+            return await asyncio.wait_for(call, timeout=DECODE_CALL_TIMEOUT_S)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise ModelUnavailable(f"{type(exc).__name__}: {exc}") from exc
         except BentoMLException as exc:
             if exc.error_code in TRANSIENT_STATUSES:
                 raise ModelUnavailable(f"{type(exc).__name__}: {exc}") from exc
             raise  # the model service failed on the call itself: a bug, not a retry
+
+    async def embed_windows(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
+        # The same failure handling as the decoder's calls: transient ones are a 503.
+        return await self._call_model(self._embed(jobs))
+
+    async def _embed(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
+        try:
+            return await self.speakers.to_async.embed(jobs)
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            return await self.speakers.to_async.embed(jobs)
 
     async def _decode(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
         # The dependency's client connects lazily: resolve its method at call time. A pooled

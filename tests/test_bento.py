@@ -118,11 +118,19 @@ def test_bento_services(bento: BuiltBento) -> None:
     assert info["service"] == "service:BentoWhisper"
     assert info["entry_service"] == "bentowhisper"
     services = {svc["name"]: svc for svc in info["services"]}
-    assert set(services) == {"bentowhisper", "whisper-model"}
-    assert services["bentowhisper"]["dependencies"] == [{"service": "whisper-model"}]
+    assert set(services) == {"bentowhisper", "whisper-model", "speaker-encoder"}
+    assert services["bentowhisper"]["dependencies"] == [
+        {"service": "whisper-model"},
+        {"service": "speaker-encoder"},
+    ]
     assert services["whisper-model"]["dependencies"] == []
+    assert services["speaker-encoder"]["dependencies"] == []
+    # The encoder's weights come with the resemblyzer package (setup_script), not the store.
+    assert services["speaker-encoder"]["models"] == []
+    assert services["speaker-encoder"]["config"]["resources"] == {"cpu": "1"}
     for svc in services.values():
-        assert [m["tag"] for m in svc["models"]] == [bento.model_tag], svc["name"]
+        if svc["name"] != "speaker-encoder":
+            assert [m["tag"] for m in svc["models"]] == [bento.model_tag], svc["name"]
         assert svc["config"]["traffic"]["timeout"] == 600
         assert svc["config"]["workers"] == 1
     # The CPU profile at build time: the model service asks for a CPU, not a GPU.
@@ -154,6 +162,12 @@ def test_bento_image(bento: BuiltBento) -> None:
     assert "--extra-index-url https://download.pytorch.org/whl/cpu" in requirements
     torch_pins = [line for line in requirements if re.match(r"torch\b", line)]
     assert torch_pins == ["torch==2.13.0+cpu"]
+    # resemblyzer without its dependencies (a requirements line cannot ask for that): the
+    # setup_script, which BentoML stores as script__<hash> and runs after the requirements.
+    (script,) = (bento.path / "env" / "docker").glob("script__*")
+    assert 'uv pip install --no-deps "resemblyzer==0.1.4"' in script.read_text()
+    run_script = dockerfile.index(f"&& ./env/docker/{script.name}")
+    assert dockerfile.index("pip install -r $BENTO_PATH/env/python/requirements.txt") < run_script
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,6 +65,8 @@ class Settings:
     decode_timeout_s: float = 120.0
     # Requests in flight per API worker before 429 + Retry-After (the rest would only queue).
     max_concurrent_requests: int = 16
+    # diarized_json: at most this many speakers per file (their count comes from the audio).
+    max_speakers: int = 8
     # Bearer keys; empty means no authentication.
     api_keys: list[str] = field(default_factory=list)
     api_key_file: str = ""

@@ -7,9 +7,13 @@ stands in front of the routes (authentication, upload limit, paths) is in :mod:`
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -18,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from . import formats, serving
+from . import diarize, formats, serving
 from .audio import SAMPLE_RATE
 from .docs import add_docs
 from .instance import note_audio
@@ -159,9 +163,14 @@ async def _transcribe(request: Request, *, translation: bool) -> Response:
         params, data = await _read_form(request, backend, translation=translation)
         run.response_format = params.response_format
         options = serving.request_options(params, backend)
+        known = await _known_speakers(params, backend)
         audio = await serving.decode_upload(data, backend.settings)
         note_audio(request.scope, len(audio) / SAMPLE_RATE)
         events = backend.events(audio, options, getattr(params, "chunking_strategy", None))
+        speakers = None
+        if isinstance(params, TranscriptionRequest) and params.diarize:
+            speakers = _Speakers(audio, backend, known)
+            events = speakers.events(events)
 
         async def disconnected() -> None:
             # the body has been read, so the next message can only be the client's leaving
@@ -171,10 +180,66 @@ async def _transcribe(request: Request, *, translation: bool) -> Response:
         if isinstance(params, TranscriptionRequest) and params.stream:
             return _EventStream(_sse(run.stream(events, disconnected), params), run)
         done = await run.complete(events, disconnected)
-    body, media_type = formats.render(done.transcription, params)
+    body, media_type = formats.render(
+        done.transcription, params, speakers.found if speakers else None
+    )
     if isinstance(body, dict):
         return JSONResponse(body)
     return Response(body, media_type=media_type)
+
+
+async def _known_speakers(
+    params: TranscriptionRequest | TranslationRequest, backend: Backend
+) -> dict[str, np.ndarray]:
+    """The named reference samples of a diarized_json request, checked before any decoding."""
+    if not isinstance(params, TranscriptionRequest) or not params.diarize:
+        return {}
+    if backend.embed is None:
+        raise BadRequest(
+            "response_format 'diarized_json' is not available on this server.",
+            param="response_format",
+        )
+    samples = [
+        await asyncio.to_thread(diarize.reference_audio, url)
+        for url in params.known_speaker_references
+    ]
+    return dict(zip(params.known_speaker_names, samples, strict=True))
+
+
+@dataclass(frozen=True)
+class SpeakersFound:
+    """The transcription's segments by speaker: right before TranscriptionDone, since the
+    clustering needs the whole file."""
+
+    segments: list[diarize.SpeakerSegment]
+
+
+class _Speakers:
+    """Diarization as one more step of a request's events, so that the run's deadline,
+    disconnect and error mapping cover the encoder's calls too."""
+
+    def __init__(self, audio: np.ndarray, backend: Backend, known: dict[str, np.ndarray]) -> None:
+        self.audio = audio
+        self.backend = backend
+        self.known = known
+        self.found: list[diarize.SpeakerSegment] | None = None
+
+    async def events(
+        self, events: AsyncIterator[TranscriptionEvent]
+    ) -> AsyncIterator[TranscriptionEvent | SpeakersFound]:
+        assert self.backend.embed is not None  # checked by _known_speakers
+        async with contextlib.aclosing(events):  # a stopped run stops the decoding too
+            async for event in events:
+                if isinstance(event, TranscriptionDone):
+                    self.found = await diarize.speaker_segments(
+                        self.audio,
+                        event.transcription.segments,
+                        self.backend.embed,
+                        max_speakers=self.backend.settings.max_speakers,
+                        known=self.known,
+                    )
+                    yield SpeakersFound(self.found)
+                yield event
 
 
 async def _read_form(
@@ -202,16 +267,23 @@ async def _parse(
 
 
 async def _sse(
-    events: AsyncIterator[TranscriptionEvent | OpenAIError], params: TranscriptionRequest
+    events: AsyncIterator[TranscriptionEvent | SpeakersFound | OpenAIError],
+    params: TranscriptionRequest,
 ) -> AsyncIterator[bytes]:
-    """Server-sent events: a delta per decoded segment, then the full text with usage; a
+    """Server-sent events: a delta per decoded segment (for diarized_json, a
+    ``transcript.text.segment`` per speaker segment instead), then the full text with usage; a
     failure as OpenAI's error payload (the SDK raises on it).
 
     Deltas concatenate to the final text, so the first one loses Whisper's leading space.
     """
     first = True
     async for event in events:
-        if isinstance(event, SegmentDecoded):
+        if isinstance(event, SpeakersFound):
+            for segment in event.segments:
+                yield formats.sse(formats.diarized_segment(segment))
+        elif isinstance(event, SegmentDecoded):
+            if params.diarize:  # its segments go out by speaker, once all are known
+                continue
             text = event.segment.text
             delta = TranscriptTextDelta(
                 delta=text.lstrip() if first else text,

@@ -35,6 +35,7 @@ from ..config import Settings
 from ..vocabulary import Vocabulary
 from .audio import AudioDecodeError, decode_audio
 from .chunked import request_events
+from .diarize import EmbedFn
 from .longform import (
     DecodeFn,
     FeaturesFn,
@@ -112,6 +113,8 @@ class Backend:
     features: FeaturesFn  # one 30 s window of samples -> log-mel features
     decode: DecodeFn  # the batching model service
     admission: Admission
+    # The speaker encoder service, for diarized_json; None where the host has none.
+    embed: EmbedFn | None = None
 
     @property
     def model_names(self) -> list[str]:
@@ -154,7 +157,9 @@ def request_options(
         task="translate" if isinstance(params, TranslationRequest) else "transcribe",
         prompt=params.prompt,
         temperature=params.temperature,
-        word_timestamps=getattr(params, "word_timestamps", False),
+        # diarized_json assigns words to speakers by their timestamps
+        word_timestamps=getattr(params, "word_timestamps", False)
+        or getattr(params, "diarize", False),
         slice_tokens=backend.settings.slice_tokens or None,
     )
 
