@@ -54,8 +54,16 @@ constraints:
 serve: .venv
 	$(VENV)/bin/bentowhisper serve --port $(PORT)
 
+# Each test module in a pytest process of its own: in one process, the servers and state of
+# earlier modules made later ones fail that pass alone (seen on 2026-12-02, not yet explained).
+# JUNIT_DIR: write one JUnit report per module there (CI sums them).
+TEST_FILES ?= $(sort $(wildcard tests/test_*.py))
 test: .venv
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	@status=0; for f in $(TEST_FILES); do \
+		echo "== $$f"; \
+		$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) \
+			$(if $(JUNIT_DIR),--junitxml=$(JUNIT_DIR)/$$(basename $$f .py).xml) $$f || status=1; \
+	done; exit $$status
 
 lint: .venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)
