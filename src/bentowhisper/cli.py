@@ -124,7 +124,7 @@ def transcribe_local(
         except (OSError, AudioDecodeError) as exc:
             status = _fail(f"{path}: {exc}")
             continue
-        result = asyncio.run(_with_progress(audio, options, decode, bundle, path.name))
+        result = asyncio.run(_with_progress(audio, options, decode, bundle, settings, path.name))
         body, _ = render(result, request)
         _emit(path, _as_text(body), response_format, output_dir)
     return status
@@ -135,36 +135,36 @@ async def _with_progress(
     options: TranscribeOptions,
     decode: DecodeFn,
     bundle: WhisperBundle,
+    settings: Settings,
     name: str,
 ) -> Transcription:
-    """The transcription, with a progress bar in audio seconds on stderr for long files."""
+    """The transcription, as the service makes it (the settings' chunking), with a progress bar
+    in audio seconds on stderr for long files."""
     from tqdm import tqdm
 
-    from .server.longform import (
-        SAMPLE_RATE,
-        TranscriptionInfo,
-        log_mel,
-        to_transcription,
-        transcribe_segments,
-    )
+    from .server.audio import SAMPLE_RATE
+    from .server.chunked import request_events
+    from .server.features import LogMel
+    from .server.longform import SegmentDecoded
 
-    info = TranscriptionInfo(duration=len(audio) / SAMPLE_RATE)
-    total = round(info.duration, 1)
-    segments = transcribe_segments(
-        audio, options, decode, bundle.vocab, log_mel(bundle.feature_extractor), info
-    )
+    total = round(len(audio) / SAMPLE_RATE, 1)
+    features = LogMel.from_checkpoint(bundle.checkpoint)
+    events = request_events(audio, None, options, decode, bundle.vocab, features, settings)
     with tqdm(
         total=total,
         unit="s",
         desc=name,
         file=sys.stderr,
-        disable=info.duration <= PROGRESS_MIN_SECONDS,
+        disable=total <= PROGRESS_MIN_SECONDS,
         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}]",
     ) as bar:
-        async for segment in segments:
-            bar.update(max(0.0, min(round(segment.end, 1), total) - bar.n))
-        bar.update(total - bar.n)
-    return to_transcription(info, options)
+        async for event in events:
+            if isinstance(event, SegmentDecoded):
+                bar.update(max(0.0, min(round(event.segment.end, 1), total) - bar.n))
+            else:
+                bar.update(total - bar.n)
+                return event.transcription
+    raise AssertionError("the events end with TranscriptionDone")
 
 
 def transcribe_remote(
