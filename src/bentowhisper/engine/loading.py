@@ -71,9 +71,14 @@ def cpu_has_bf16() -> bool:
 
 
 def cpu_features() -> CpuFeatures:
+    """What ``auto`` reads. torch's kernels capped below AVX-512 (``ATEN_CPU_CAPABILITY=avx2``,
+    how the AVX2 default is tried on a bf16 machine: docs/benchmarks.md) count as no bf16."""
     import torch
 
-    return CpuFeatures(capability=torch.backends.cpu.get_cpu_capability(), bf16=cpu_has_bf16())
+    capability = torch.backends.cpu.get_cpu_capability()
+    return CpuFeatures(
+        capability=capability, bf16=capability.startswith("AVX512") and cpu_has_bf16()
+    )
 
 
 @dataclass
