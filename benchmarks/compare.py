@@ -41,6 +41,16 @@ VARIANTS = {
     "int8": {"BENTOWHISPER_QUANTIZATION": "int8"},  # dynamic int8 linear layers (fp32 around)
     "fp32-hybrid": {"BENTOWHISPER_DTYPE": "float32"},  # the AVX2 default before quantization auto
 }
+# --cap-isa avx2: every engine (ours and the peer's) limited to AVX2, how the AVX2-only default
+# is measured on a machine with AVX-512 and bf16 (torch's kernels, oneDNN, MKL, CTranslate2).
+ISA_CAPS = {
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "CT2_FORCE_CPU_ISA": "AVX2",
+    }
+}
 # faster-whisper in-process: compute type and result-file suffix (int8 is the peer's setting)
 FW_COMPUTE_TYPES = (("int8", ""), ("float32", "-float32"))
 
@@ -131,7 +141,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=32, help="requests per load level")
     parser.add_argument("--models-dir", default=os.environ.get("BENTOWHISPER_MODELS_DIR"))
     parser.add_argument("--skip-peer", dest="peer", action="store_false")
+    parser.add_argument(
+        "--skip-peer-server", dest="peer_server", action="store_false",
+        help="only faster-whisper in-process, not faster-whisper-server",
+    )  # fmt: skip
     parser.add_argument("--skip-hol", dest="hol", action="store_false")
+    parser.add_argument("--cap-isa", choices=list(ISA_CAPS), help="limit every engine to it")
     # the accuracy run is most of the time on a busy machine; benchmarks/speed_eval.py gives
     # the WER of precision variants in-process
     parser.add_argument("--skip-wer", dest="wer", action="store_false")
@@ -139,12 +154,16 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log: list[str] = []
+    if args.cap_isa:  # inherited by every server and process started below
+        os.environ.update(ISA_CAPS[args.cap_isa])
+        log.append("# " + " ".join(f"{k}={v}" for k, v in ISA_CAPS[args.cap_isa].items()))
     started = time.time()
     for model in args.models:
         for variant in args.variants:
             ours(model, variant, args.out, args, log)
         if args.peer:
-            peer(model, args.out, args, log)
+            if args.peer_server:
+                peer(model, args.out, args, log)
             for compute_type, suffix in FW_COMPUTE_TYPES:
                 run(
                     [str(PEER_PY), "benchmarks/peer/fw_inprocess.py", "--model", model,
