@@ -4,12 +4,14 @@ For each embedded model (tiny.en, base) it starts each server in turn (ours in e
 ``VARIANTS``, then the faster-whisper-server peer), runs the accuracy tool over the whole
 eval set and the load tool over the English dev clips at 1, 4 and 16 concurrent clients, stops
 it, and runs faster-whisper in-process over the same English clips (int8, the peer's setting,
-and float32, which isolates what int8 changes). Then, on our default
+and float32, which isolates what int8 changes); jfk alone, 8 times one after another, gives
+each side's idle latency. Then, on our default
 configuration, the head-of-line probe with a 10-minute file. Every command line it runs is
 printed and stored beside the results (``--out``, default ``docs/results``).
 
     .venv/bin/python benchmarks/compare.py                  # everything (~30 min on 2 cores)
     .venv/bin/python benchmarks/compare.py --models tiny.en --skip-hol
+    .venv/bin/python benchmarks/compare.py --cap-isa avx2 ...   # as an AVX2-only CPU would run
 
 The peer needs ``benchmarks/peer/setup.sh`` first. Only loopback addresses are contacted.
 """
@@ -34,6 +36,7 @@ PY = sys.executable
 PEER_PY = REPO / "benchmarks/peer/.venv/bin/python"
 ENGLISH_DEV = ["en_ljspeech", "en_librispeech", "en_misc", "fleurs_en"]
 LEVELS = ["1", "4", "16"]
+IDLE_REPEATS = 8  # jfk alone, one request after another: the idle latency
 # Our server configurations: environment on top of the CPU profile.
 VARIANTS = {
     "default": {},  # as shipped: dtype and quantization auto (engine/speed.py), hybrid attention
@@ -69,6 +72,12 @@ def measure(label: str, base_url: str, model: str, out: Path, args, log: list[st
              "--out", str(out / f"wer-{label}.json"), "--markdown", str(out / f"wer-{label}.md")],
             log,
         )  # fmt: skip
+    run(
+        [PY, "benchmarks/load.py", "--base-url", base_url, "--model", model, "--ids", "jfk",
+         "--concurrency", "1", "--requests", str(IDLE_REPEATS), "--warmup", "2",
+         "--out", str(out / f"idle-jfk-{label}.json")],
+        log,
+    )  # fmt: skip
     run(
         [PY, "benchmarks/load.py", "--base-url", base_url, "--model", model,
          "--groups", *ENGLISH_DEV, "--concurrency", *LEVELS, "--requests", str(args.requests),
@@ -164,6 +173,12 @@ def main() -> int:
         if args.peer:
             if args.peer_server:
                 peer(model, args.out, args, log)
+            run(
+                [str(PEER_PY), "benchmarks/peer/fw_inprocess.py", "--model", model,
+                 "--compute-type", "int8", "--ids", "jfk", "--repeat", str(IDLE_REPEATS),
+                 "--out", str(args.out / f"idle-jfk-fw-inprocess-{model}.json")],
+                log,
+            )  # fmt: skip
             for compute_type, suffix in FW_COMPUTE_TYPES:
                 run(
                     [str(PEER_PY), "benchmarks/peer/fw_inprocess.py", "--model", model,

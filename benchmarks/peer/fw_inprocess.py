@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-type", default="int8")
     p.add_argument("--beam-size", type=int, default=1)
     p.add_argument("--vad", action="store_true", help="Silero VAD filter (off by default)")
+    p.add_argument("--repeat", type=int, default=1, help="transcribe each clip N times")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up")
     p.add_argument("--out", type=Path, help="write the JSON report here (else to stdout)")
     return p
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from faster_whisper.audio import decode_audio
 
     manifest = args.manifest.resolve()
-    clips = select(load_manifest(manifest), args.groups, args.ids)[: args.limit]
+    clips = select(load_manifest(manifest), args.groups, args.ids)[: args.limit] * args.repeat
     if not clips:
         sys.exit("no clips selected")
     model_dir = resolve_model(args.model)
