@@ -6,7 +6,8 @@ shorter timeout sees no answer at all). Here the API service answers ``/readyz``
 what a background watcher last learned: 503 at once until the model service has answered
 ``check`` (it answers only once its model is loaded and warmed up, so it can decode), then 200.
 The watcher logs ``ready on http://HOST:PORT (model ..., device ..., dtype ...)`` once, and
-keeps checking, so a model service that stops answering turns the probe back to 503.
+keeps checking, so a model service that stops answering (``FAILURES_TO_UNREADY`` checks in a
+row) turns the probe back to 503.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ logger = logging.getLogger("bentowhisper.readiness")
 CHECK_TIMEOUT_S = 2.0  # one check of the model service
 INTERVAL_S = 0.25  # between checks while starting
 RECHECK_S = 5.0  # between checks once ready
+# Failed checks in a row that turn a ready service to 503. One is not enough: a pooled
+# keep-alive connection that the model service has closed fails once with "Broken pipe", and
+# the next check, on a new connection, succeeds.
+FAILURES_TO_UNREADY = 2
 
 # What the model service reports: {"model": ..., "device": ..., "dtype": ...}.
 CheckFn = Callable[[], Awaitable[Mapping[str, str]]]
@@ -59,14 +64,17 @@ class Watcher:
 
     async def run(self, check: CheckFn, url: str) -> None:
         started = time.monotonic()
+        failures = 0
         while True:
             try:
                 info = await asyncio.wait_for(check(), timeout=CHECK_TIMEOUT_S)
             except Exception as exc:  # starting, gone, or slow: not ready, whatever the cause
-                if self.ready:
+                failures += 1
+                if self.ready and failures >= FAILURES_TO_UNREADY:
                     logger.warning("not ready: the model service does not answer (%r)", exc)
-                self.ready = False
+                    self.ready = False
             else:
+                failures = 0
                 self.ready = True
                 if not self.announced:
                     self.announced = True
@@ -77,7 +85,7 @@ class Watcher:
                         details,
                         time.monotonic() - started,
                     )
-            await asyncio.sleep(RECHECK_S if self.ready else INTERVAL_S)
+            await asyncio.sleep(RECHECK_S if self.ready and not failures else INTERVAL_S)
 
 
 WATCHER = Watcher()
