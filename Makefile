@@ -54,16 +54,11 @@ constraints:
 serve: .venv
 	$(VENV)/bin/bentowhisper serve --port $(PORT)
 
-# Each test module in a pytest process of its own: in one process, the servers and state of
-# earlier modules made later ones fail that pass alone (seen on 2026-12-02, not yet explained).
-# JUNIT_DIR: write one JUnit report per module there (CI sums them).
-TEST_FILES ?= $(sort $(wildcard tests/test_*.py))
+# One pytest process: the end-to-end modules share one `bentoml serve` (tests/conftest.py).
+# -rfE names every failure and error at the end. JUNIT_DIR: a JUnit report there (CI reads it).
 test: .venv
-	@status=0; for f in $(TEST_FILES); do \
-		echo "== $$f"; \
-		$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) \
-			$(if $(JUNIT_DIR),--junitxml=$(JUNIT_DIR)/$$(basename $$f .py).xml) $$f || status=1; \
-	done; exit $$status
+	$(VENV)/bin/python -m pytest -q -rfE $(PYTEST_ARGS) \
+		$(if $(JUNIT_DIR),--junitxml=$(JUNIT_DIR)/tests.xml) tests
 
 lint: .venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)

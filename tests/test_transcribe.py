@@ -443,17 +443,19 @@ def test_one_batch_decodes_like_separate_calls(base_fp32):
 
 
 def test_sliced_decoding_resumes_to_the_same_tokens(base_fp32):
-    """A window decoded a few tokens per call, resumed from its tokens so far (in a batch with
-    unsliced neighbours), ends with the tokens, log-probability and word times of one call
-    (in fp32). A resumed slice carries no features: with the encoder output cached it is
-    decoded from the cache; without, it comes back ``evicted`` and is resent with them."""
+    """A window decoded a few tokens per call, resumed from its tokens so far (its first two
+    slices in a batch with an unsliced neighbour), ends with the tokens, log-probability and
+    word times of one call (in fp32). A resumed slice carries no features: with the encoder
+    output cached it is decoded from the cache; without, it comes back ``evicted`` and is
+    resent with them."""
     base = base_fp32
+    steps = 12
     features = LogMel.from_checkpoint(base.checkpoint)
     clips = manifest()
     longform = load_audio(LONGFORM)[: N_FRAMES * HOP_LENGTH]  # 30 s of dense speech
     de = load_audio(clips["fleurs-de-000"]["path"])[: N_FRAMES * HOP_LENGTH]
     sliced = DecodeJob.for_window(
-        features(longform), language=None, word_timestamps=True, max_steps=7, key="long:0"
+        features(longform), language=None, word_timestamps=True, max_steps=steps, key="long:0"
     )
     neighbour = DecodeJob.for_window(features(de), language="de")
     unsliced = DecodeJob.for_window(features(longform), language=None, word_timestamps=True)
@@ -463,9 +465,11 @@ def test_sliced_decoding_resumes_to_the_same_tokens(base_fp32):
     for cache in (EncoderCache(capacity=4), None):
         job, calls, evicted, cached = sliced, 0, 0, []
         while True:
-            result, other = decode_batch(base, [job, neighbour], cache)
-            assert result.error is None and other.error is None
-            assert other.done  # the unsliced neighbour finishes in its first call
+            # the neighbour's whole window is most of a call's time: only in the first two
+            with_neighbour = calls < 2
+            result, *other = decode_batch(base, [job, neighbour][: 1 + with_neighbour], cache)
+            assert result.error is None and all(o.error is None for o in other)
+            assert all(o.done for o in other)  # the unsliced neighbour finishes in its call
             if result.evicted:  # only without a cache, and only for a slice without features
                 assert cache is None and job.features is None
                 assert result.tokens == [] and not result.done
@@ -476,11 +480,11 @@ def test_sliced_decoding_resumes_to_the_same_tokens(base_fp32):
             cached.append(len(cache) if cache is not None else 0)
             if result.done:
                 break
-            assert len(result.tokens) == 7 * calls
+            assert len(result.tokens) == steps * calls
             assert result.tokens == whole.tokens[: len(result.tokens)]
             job = job.resumed(result)
             assert job.features is None and job.resume == result.tokens
-        assert calls == -(-(len(whole.tokens) + 1) // 7)  # ceil: the last call samples eot
+        assert calls == -(-(len(whole.tokens) + 1) // steps)  # ceil: the last call samples eot
         assert evicted == (0 if cache is not None else calls - 1)
         assert result.tokens == whole.tokens
         assert result.language == whole.language == "en"
