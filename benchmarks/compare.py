@@ -80,7 +80,7 @@ def measure(label: str, base_url: str, model: str, out: Path, args, log: list[st
     )  # fmt: skip
     run(
         [PY, "benchmarks/load.py", "--base-url", base_url, "--model", model,
-         "--groups", *ENGLISH_DEV, "--concurrency", *LEVELS, "--requests", str(args.requests),
+         "--groups", *ENGLISH_DEV, "--concurrency", *args.levels, "--requests", str(args.requests),
          "--warmup", "2", "--out", str(out / f"load-{label}.json"),
          "--plot", str(out / f"load-{label}.png")],
         log,
@@ -147,6 +147,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["tiny.en", "base"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--hol-variant", default="default", help="server of the HOL probe")
+    parser.add_argument("--levels", nargs="+", default=LEVELS, help="concurrent clients")
     parser.add_argument("--requests", type=int, default=32, help="requests per load level")
     parser.add_argument("--models-dir", default=os.environ.get("BENTOWHISPER_MODELS_DIR"))
     parser.add_argument("--skip-peer", dest="peer", action="store_false")

@@ -13,6 +13,7 @@ import atexit
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -23,6 +24,7 @@ METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # The pid of the process that made the directory: its workers keep it; any other process that
 # inherited the variable (a test run that imported service.py, then started servers) does not.
 OWNER_ENV = "PROMETHEUS_MULTIPROC_DIR_OWNER"  # not BENTOWHISPER_*: those are settings
+WORKER_MODULE = "_bentoml_impl.worker.service"  # what BentoML's arbiter runs as each worker
 logger = logging.getLogger("bentowhisper")
 
 
@@ -38,12 +40,20 @@ def own_metrics_dir() -> str:
 
     directory = os.environ.get(METRICS_ENV)
     owner = os.environ.get(OWNER_ENV)
-    if not directory or (owner is not None and owner != str(os.getppid())):
+    # A `bentoml serve` started by a process that made a directory for itself is that process's
+    # child as well, but no worker: it must not take its parent's directory (its workers would
+    # then not find theirs, and the API's started marker would never be seen).
+    inherited = owner is not None and (owner != str(os.getppid()) or not _is_bentoml_worker())
+    if not directory or inherited:
         directory = tempfile.mkdtemp(prefix="bentowhisper-metrics-")
         os.environ[METRICS_ENV], os.environ[OWNER_ENV] = directory, str(os.getpid())
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
     BentoMLContainer.prometheus_multiproc_dir.set(directory)
     return directory
+
+
+def _is_bentoml_worker() -> bool:
+    return WORKER_MODULE in sys.orig_argv
 
 
 def configure_logging() -> None:
