@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +137,22 @@ def test_the_quantized_decoder_transcribes_as_fp32_does(tiny_en: dict, clip, cli
     # reference than fp32 by more than that word
     assert sum(a != b for a, b in zip(fp32, int8, strict=False)) + abs(len(fp32) - len(int8)) <= 1
     assert len(set(int8) - set(ref)) <= len(set(fp32) - set(ref)) + 1
+
+
+def test_kernels_capped_to_avx2_get_the_avx2_default() -> None:
+    """``ATEN_CPU_CAPABILITY=avx2`` (how compare.py --cap-isa emulates an AVX2-only CPU) makes
+    ``auto`` pick what it picks on one, whatever this CPU has."""
+    code = (
+        "from bentowhisper.engine.loading import cpu_features\n"
+        "from bentowhisper.engine.speed import choose_speed\n"
+        "f = cpu_features(); c = choose_speed('cpu', 'auto', 'auto', f)\n"
+        "print(f.capability, f.bf16, c.dtype, c.quantization)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.split() == ["AVX2", "False", "float32", AVX2_QUANTIZATION]
