@@ -167,3 +167,35 @@ def test_sigterm_stops_cleanly_with_probes_in_flight(servers) -> None:
     shutdowns = [server.stop() for server in (first, second)]  # left-over workers
     assert all(shutdown.graceful for shutdown in shutdowns), shutdowns
     assert max(took for _, _, took in prober.probes) <= PROBE_LIMIT_S
+
+
+@pytest.mark.parametrize(
+    ("owner_is_parent", "worker", "keeps"),
+    [(True, True, True), (True, False, False), (False, True, False)],
+    ids=["bentoml-worker-of-its-server", "server-started-by-the-owner", "stranger"],
+)
+def test_only_a_servers_workers_take_its_metrics_dir(
+    owner_is_parent: bool, worker: bool, keeps: bool, tmp_path: Path, monkeypatch
+) -> None:
+    """The rule behind separate counters: a process that inherited a directory that another
+    made for itself (``PROMETHEUS_MULTIPROC_DIR`` with its owner's pid) reuses it only when it
+    is that process's BentoML worker. A ``bentoml serve`` started by a test run that had
+    imported ``service.py`` used to take the test run's, and its API answered 503 "starting"
+    beside the real worker."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    from bentowhisper.server import instance
+
+    monkeypatch.setenv(instance.METRICS_ENV, str(tmp_path))
+    monkeypatch.setenv(instance.OWNER_ENV, str(os.getppid() if owner_is_parent else 1))
+    argv = [sys.executable, "-m", instance.WORKER_MODULE] if worker else ["bentoml", "serve"]
+    monkeypatch.setattr(sys, "orig_argv", argv)
+    before = BentoMLContainer.prometheus_multiproc_dir.get()
+    try:
+        directory = instance.own_metrics_dir()
+    finally:
+        BentoMLContainer.prometheus_multiproc_dir.set(before)
+    assert (directory == str(tmp_path)) is keeps
+    if not keeps:  # a directory of its own, named where its workers will look
+        assert os.environ[instance.METRICS_ENV] == directory
+        assert os.environ[instance.OWNER_ENV] == str(os.getpid())

@@ -26,10 +26,9 @@ from .engine.checkpoints import EMBEDDED, resolve_checkpoint
 from .launcher import serve_command, serve_env
 
 if TYPE_CHECKING:
-    import numpy as np
+    from collections.abc import AsyncIterator
 
-    from .engine.loading import WhisperBundle
-    from .server.longform import DecodeFn, TranscribeOptions
+    from .server.longform import TranscriptionEvent
     from .transcript import Transcription
     from .wire import DecodeJob, DecodeResult
 
@@ -99,7 +98,9 @@ def transcribe_local(
     at a time (same settings, same 30 s windows and slices); return the exit status."""
     from .engine.decoding import EncoderCache, decode_batch
     from .engine.loading import load_from_settings
-    from .server.audio import AudioDecodeError, decode_audio
+    from .server.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
+    from .server.chunked import request_events
+    from .server.features import LogMel
     from .server.formats import render
     from .server.longform import TranscribeOptions
     from .server.protocol import TranscriptionRequest
@@ -112,6 +113,7 @@ def transcribe_local(
     )
     options = TranscribeOptions(language=language, slice_tokens=settings.slice_tokens or None)
     cache = EncoderCache(capacity=2)
+    features = LogMel.from_checkpoint(bundle.checkpoint)
 
     async def decode(jobs: list[DecodeJob]) -> list[DecodeResult]:
         # On the loop's own thread: it loaded the model, and torch runs slower on others.
@@ -124,32 +126,23 @@ def transcribe_local(
         except (OSError, AudioDecodeError) as exc:
             status = _fail(f"{path}: {exc}")
             continue
-        result = asyncio.run(_with_progress(audio, options, decode, bundle, settings, path.name))
+        events = request_events(audio, None, options, decode, bundle.vocab, features, settings)
+        result = asyncio.run(_with_progress(events, len(audio) / SAMPLE_RATE, path.name))
         body, _ = render(result, request)
         _emit(path, _as_text(body), response_format, output_dir)
     return status
 
 
 async def _with_progress(
-    audio: np.ndarray,
-    options: TranscribeOptions,
-    decode: DecodeFn,
-    bundle: WhisperBundle,
-    settings: Settings,
-    name: str,
+    events: AsyncIterator[TranscriptionEvent], seconds: float, name: str
 ) -> Transcription:
-    """The transcription, as the service makes it (the settings' chunking), with a progress bar
-    in audio seconds on stderr for long files."""
+    """The transcription the events end with, and a progress bar in audio seconds on stderr
+    while they come (for files over ``PROGRESS_MIN_SECONDS``)."""
     from tqdm import tqdm
 
-    from .server.audio import SAMPLE_RATE
-    from .server.chunked import request_events
-    from .server.features import LogMel
     from .server.longform import SegmentDecoded
 
-    total = round(len(audio) / SAMPLE_RATE, 1)
-    features = LogMel.from_checkpoint(bundle.checkpoint)
-    events = request_events(audio, None, options, decode, bundle.vocab, features, settings)
+    total = round(seconds, 1)
     with tqdm(
         total=total,
         unit="s",
