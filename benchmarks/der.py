@@ -18,19 +18,13 @@ import functools
 import itertools
 import json
 import re
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import mixtures
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mixtures  # noqa: E402
 
 if TYPE_CHECKING:
     from bentowhisper.engine.speakers import SpeakerEncoder

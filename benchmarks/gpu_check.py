@@ -164,10 +164,8 @@ def window_job(bundle: Any, audio: np.ndarray, **fields: Any) -> Any:
 
 
 def make_bundle(args: argparse.Namespace) -> None:
-    from safetensors.torch import load_file, save_file
-
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     from evaluate import load_manifest, select_clips
+    from safetensors.torch import load_file, save_file
 
     from bentowhisper.engine.checkpoints import EMBEDDED, ensure_converted
     from bentowhisper.engine.decoding import decode_batch

@@ -41,8 +41,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling evaluate.py, load.py
-
 from evaluate import (
     DEFAULT_MANIFEST,
     Clip,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,6 @@ def manifest(eval_dir: Path = EVAL_DIR) -> dict[str, dict]:
 
 def load(path: Path) -> np.ndarray:
     """16 kHz mono float32 (FFmpeg, as the server decodes uploads)."""
-    sys.path.insert(0, str(REPO / "src"))
     from bentowhisper.server.audio import decode_audio
 
     return decode_audio(path)

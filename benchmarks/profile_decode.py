@@ -34,11 +34,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import DEFAULT_MANIFEST, load_manifest, select_clips
 from rtf import CLIPS, DEFAULT_EVAL_DIR, DEFAULT_MODELS_DIR
+from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
 
 from bentowhisper.engine import decoding
 from bentowhisper.engine.checkpoints import EMBEDDED, ensure_converted

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import DEFAULT_MANIFEST, load_manifest, select_clips
 from load import LoadSettings, Workload, run_all
 

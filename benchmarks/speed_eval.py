@@ -22,8 +22,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import DEFAULT_MANIFEST, aggregate, load_manifest, row_score, score_clip, select_clips
 from rtf import DEFAULT_MODELS_DIR, direct_decode, load_average, transcribe_once
 

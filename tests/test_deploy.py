@@ -13,6 +13,7 @@ config is checked against BentoML's own deployment schema and against ``service.
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import re
 import subprocess
 import sys
@@ -100,11 +101,9 @@ def bentofile_for(deployment: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def services() -> Any:
     """``service.py`` as a module: it only reads the settings at import (no model is loaded)."""
-    sys.path.insert(0, str(REPO_ROOT))
-    try:
-        import service
-    finally:
-        sys.path.remove(str(REPO_ROOT))
+    spec = importlib.util.spec_from_file_location("service", REPO_ROOT / "service.py")
+    service = sys.modules["service"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(service)
     return service
 
 

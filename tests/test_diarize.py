@@ -7,17 +7,13 @@ import itertools
 import subprocess
 import sys
 
+import der
+import mixtures
 import numpy as np
 import pytest
-from support import REPO_ROOT
 
 from bentowhisper.server import diarize as dz
 from bentowhisper.transcript import Segment, Word
-
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-
-import der
-import mixtures
 
 
 def test_api_side_needs_no_torch() -> None:

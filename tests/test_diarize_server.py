@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import base64
 import io
-import sys
 from collections.abc import Iterator
 
+import mixtures
 import numpy as np
 import openai
 import pytest
 from openai.types.audio import TranscriptionDiarized, TranscriptionTextSegmentEvent
-from support import EVAL_DIR, REPO_ROOT
-
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-
-import mixtures
+from support import EVAL_DIR
 
 pytestmark = pytest.mark.skipif(
     not (EVAL_DIR / "manifest.jsonl").exists(), reason=f"eval set not found at {EVAL_DIR}"
