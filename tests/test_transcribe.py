@@ -39,7 +39,7 @@ from support import (
     words,
 )
 
-from bentowhisper.engine.decoding import EncoderCache, decode_batch
+from bentowhisper.engine.decoding import EncoderCache, decode_batch, encode_prefix
 from bentowhisper.engine.loading import WhisperBundle, load_whisper
 from bentowhisper.server.audio import decode_audio
 from bentowhisper.server.features import LogMel
@@ -545,6 +545,53 @@ def test_evicted_slices_are_resent_with_their_features(tiny_en):
     assert done.windows >= 2
     assert resent.text == kept.text and resent.text
     assert [s.tokens for s in resent.segments] == [s.tokens for s in kept.segments]
+
+
+def test_prefix_encoder_is_the_encoder_on_a_whole_window(base_fp32):
+    """encode_prefix on all 3000 frames is transformers' encoder: the short-window path (realtime
+    partials) runs the same layers with the position embeddings cut to its length."""
+    mel = LogMel.from_checkpoint(base_fp32.checkpoint)(load_audio(JFK))
+    features = torch.from_numpy(mel[None]).to(base_fp32.device, base_fp32.dtype)
+    with torch.inference_mode():
+        full = base_fp32.model.model.encoder(features).last_hidden_state
+        prefix = encode_prefix(base_fp32, features)
+        short = encode_prefix(base_fp32, features[:, :, :1200])
+    assert prefix.shape == full.shape and short.shape[1] == 600
+    assert torch.allclose(prefix, full, atol=1e-4), (prefix - full).abs().max()
+    assert not torch.allclose(short, full[:, :600], atol=1e-2)  # attention saw less context
+
+
+def test_short_encodings_decode_jfk_and_batch_with_whole_windows(base_fp32):
+    """A job encoding only its first frames (11 s of jfk in 1200 frames) decodes the clip's text;
+    in one call with whole-window jobs each comes back as it does alone (fp32: bf16 is not
+    batch-invariant)."""
+    vocab, features = base_fp32.vocab, LogMel.from_checkpoint(base_fp32.checkpoint)
+    audio = load_audio(JFK)
+    mel, frames = features(audio), len(audio) // HOP_LENGTH
+
+    def job(encode_frames: int | None) -> DecodeJob:
+        return DecodeJob.for_window(
+            mel, language="en", timestamps=False, num_frames=frames, encode_frames=encode_frames
+        )
+
+    whole, short, longer = job(None), job(1200), job(1500)
+    alone = [decode_batch(base_fp32, [one])[0] for one in (whole, short, longer)]
+    together = decode_batch(base_fp32, [short, whole, longer, short])
+    assert [r.tokens for r in together] == [
+        alone[1].tokens,
+        alone[0].tokens,
+        alone[2].tokens,
+        alone[1].tokens,
+    ]
+    for result in alone:
+        assert result.error is None
+        assert jiwer.wer(english(JFK_TEXT), english(vocab.decode(result.tokens))) <= 0.1
+
+
+@pytest.mark.parametrize("frames", [0, 1201, N_FRAMES + 2])
+def test_encode_frames_out_of_range_or_odd_is_rejected(frames):
+    with pytest.raises(ValueError):
+        DecodeJob(encode_frames=frames)
 
 
 # --------------------------------------------------------------------------------------------

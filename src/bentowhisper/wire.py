@@ -40,6 +40,10 @@ class DecodeJob(BaseModel):
     resume_logprob: float = 0.0  # their summed log-probability
     resume_logprobs: list[float] = Field(default_factory=list)  # and each one's
     key: str | None = None  # identifies the window across slices (the encoder cache key)
+    # Encode only the window's first frames (None: all 3000). A realtime partial of a 2 s turn
+    # then pays for ~5 s of encoder instead of 30 s, as whisper.cpp's audio_ctx does; even,
+    # since the encoder's second convolution halves the frames.
+    encode_frames: int | None = Field(None, ge=2, le=N_FRAMES, multiple_of=2)
 
     @classmethod
     def for_window(cls, mel: np.ndarray, **fields: object) -> DecodeJob:

@@ -90,6 +90,16 @@ def decode_batch(
             DecodeResult.evicted_for(job) if i in evicted else next(decoded)
             for i, job in enumerate(jobs)
         ]
+    # encoder outputs of different lengths cannot share the decoder's cross-attention
+    lengths: dict[int | None, list[int]] = {}
+    for i, job in enumerate(jobs):
+        lengths.setdefault(job.encode_frames, []).append(i)
+    if len(lengths) > 1:
+        results: dict[int, DecodeResult] = {}
+        for indices in lengths.values():
+            group = decode_batch(bundle, [jobs[i] for i in indices], cache)
+            results.update(zip(indices, group, strict=True))
+        return [results[i] for i in range(len(jobs))]
     try:
         with torch.inference_mode():
             return _decode(bundle, jobs, cache)
@@ -170,14 +180,33 @@ def _encode(
     cached = [cache.get(job.key) if cache is not None else None for job in jobs]
     missing = [i for i, hit in enumerate(cached) if hit is None]
     if missing:
-        mels = np.stack([jobs[i].mel() for i in missing])
+        frames = jobs[missing[0]].encode_frames  # one length per batch (decode_batch)
+        mels = np.stack([jobs[i].mel()[:, :frames] for i in missing])
         features = torch.from_numpy(mels).to(bundle.device, bundle.dtype)
-        fresh = bundle.model.model.encoder(features).last_hidden_state
+        if frames is None:
+            fresh = bundle.model.model.encoder(features).last_hidden_state
+        else:
+            fresh = encode_prefix(bundle, features)
         if len(missing) == len(jobs):
             return fresh
         for row, i in enumerate(missing):
             cached[i] = fresh[row]
     return torch.stack(cached)
+
+
+def encode_prefix(bundle: WhisperBundle, features: torch.Tensor) -> torch.Tensor:
+    """The encoder on the first frames of a window, shape (batch, n_mels, frames).
+
+    transformers' encoder insists on 3000 frames; this is its forward pass (inference only:
+    no dropout or layer drop) with the position embeddings cut to the input's length.
+    """
+    encoder = bundle.model.model.encoder
+    hidden = torch.nn.functional.gelu(encoder.conv1(features))
+    hidden = torch.nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
+    hidden = hidden + encoder.embed_positions.weight[: hidden.shape[1]]
+    for layer in encoder.layers:
+        hidden = layer(hidden, None)
+    return encoder.layer_norm(hidden)
 
 
 def _resolve_languages(

@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from ...wire import DecodeJob
+from ...wire import N_FRAMES, DecodeJob
 from .. import serving
 from ..longform import (
     HOP_LENGTH,
@@ -49,6 +49,9 @@ PLAYGROUND = Path(__file__).resolve().parents[1] / "static" / "playground.html"
 BETA_HEADER = "realtime=v1"  # OpenAI-Beta: the beta event names and session shape
 # Partial hypotheses sample at most this many tokens (speech runs at ~3-4 tokens a second).
 PARTIAL_TOKENS_BASE, PARTIAL_TOKENS_PER_S = 8, 6
+# A partial encodes its turn rounded up to 5 s steps, not a whole 30 s window: a few lengths,
+# so that the partials of sessions at different points of their turns still share batches.
+PARTIAL_CONTEXT_STEP = 500  # mel frames
 
 
 def add_realtime_routes(app: FastAPI) -> None:
@@ -231,11 +234,13 @@ async def _serve(websocket: WebSocket, backend: Any) -> str:
 
 
 async def _partial_text(audio: np.ndarray, config: SessionConfig, backend: Any) -> str:
-    """A quick hypothesis of a growing turn: one model call on its last 30 s, without
-    timestamps or fallback rounds, its tokens capped by the audio's length (a cut-off word
-    can make Whisper repeat itself until the window's token limit)."""
+    """A quick hypothesis of a growing turn: one model call on its last 30 s (encoding only
+    the frames it fills, rounded up), without timestamps or fallback rounds, its tokens capped
+    by the audio's length (a cut-off word can make Whisper repeat itself until the window's
+    token limit)."""
     window = audio[-WINDOW_SAMPLES:]
     frames = len(window) // HOP_LENGTH
+    steps = -(-(frames + 1) // PARTIAL_CONTEXT_STEP)  # rounded up; + 1: the STFT's last frame
     mel = await asyncio.to_thread(window_features, backend.features, window, frames)
     vocab = backend.vocab
     job = DecodeJob.for_window(
@@ -244,6 +249,7 @@ async def _partial_text(audio: np.ndarray, config: SessionConfig, backend: Any) 
         language=config.language if vocab.is_multilingual else "en",
         timestamps=False,
         num_frames=frames,
+        encode_frames=min(N_FRAMES, steps * PARTIAL_CONTEXT_STEP),
         max_steps=PARTIAL_TOKENS_BASE + int(PARTIAL_TOKENS_PER_S * len(window) / TARGET_RATE),
     )
     (result,) = await backend.decode([job])
