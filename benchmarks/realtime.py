@@ -5,7 +5,8 @@ clip of the eval manifest (LJ Speech, 5-12 s) in 100 ms appends at real time, wi
 all at once. Per session: the first delta's delay after speech starts (the onset is
 ``audio_start_ms + prefix_padding_ms`` of the first ``speech_started``, on the clock of the
 audio sent, which is real time), whether it came before ``speech_stopped``, the ``completed``
-transcript's delay after ``speech_stopped``, and its word error rate. From ``/metrics``
+transcript's delay after ``speech_stopped``, its word error rate, and whether the deltas end
+to end are that transcript (no partial sent words that the full decode revised). From ``/metrics``
 (before and after): the model service's batches and how many held more than one item.
 
     .venv/bin/python benchmarks/realtime.py --url http://127.0.0.1:3000 --sessions 8 --out rt.json
@@ -111,6 +112,9 @@ async def session(client: AsyncOpenAI, clip: dict, audio: bytes) -> dict:
     delta = first("conversation.item.input_audio_transcription.delta")
     done = first("conversation.item.input_audio_transcription.completed")
     text = " ".join(e.transcript for _, e in events if e.type.endswith("transcription.completed"))
+    # what a caption client shows: the deltas end to end (one turn per clip here); they end as
+    # the completed transcript unless a partial sent words that the full decode revised
+    shown = "".join(e.delta for _, e in events if e.type.endswith("transcription.delta"))
     norm = EnglishTextNormalizer()
     return {
         "clip": clip["id"],
@@ -126,6 +130,8 @@ async def session(client: AsyncOpenAI, clip: dict, audio: bytes) -> dict:
         "turns": sum(1 for _, e in events if e.type.endswith("transcription.completed")),
         "wer": round(jiwer.wer(norm(clip["text"]), norm(text)), 3),
         "transcript": text,
+        "deltas_text": shown,
+        "deltas_end_as_transcript": shown == text,
     }
 
 
@@ -154,6 +160,7 @@ async def main(args: argparse.Namespace) -> dict:
         },
         "batches": {"count": count, "more_than_one_item": count - single},
         "mean_wer": round(statistics.mean(r["wer"] for r in results), 3),
+        "deltas_end_as_transcript": sum(r["deltas_end_as_transcript"] for r in results),
         "per_session": results,
     }
 

@@ -28,7 +28,7 @@ from bentowhisper.server.realtime.events import (
     apply_update,
     parse_client_event,
 )
-from bentowhisper.server.realtime.session import Limits, Session
+from bentowhisper.server.realtime.session import Limits, Session, stable_prefix
 
 
 def ffmpeg_raw(path: Path, rate: int, fmt: str = "s16le") -> bytes:
@@ -300,6 +300,25 @@ def _reference() -> str:
     from support import reference
 
     return reference(CLIP.stem)
+
+
+@pytest.mark.parametrize(
+    ("hypothesis", "sent"),
+    [
+        ("printing in the only", "printing in the"),  # the last word is held back
+        ("Now.", ""),
+        ("", ""),
+        # partials of LJ001-0004 and LJ001-0009 on a 5 s encoding (base): cut where they loop
+        ("produced the block books, produced the block books, produced the", "produced the block"),
+        ("Printing then. Printing then. Printing then. Print", "Printing"),
+        ("Printing then for our purpose. Printing then", "Printing then for our"),
+        ("printing printing printing", ""),
+        ("the cat and the dog and the bird", "the cat and the dog and the"),
+        ("it was very very good", "it was"),  # a real repetition waits for the transcript
+    ],
+)
+def test_partial_hypotheses_are_sent_up_to_a_loop(hypothesis: str, sent: str) -> None:
+    assert stable_prefix(hypothesis) == sent
 
 
 @pytest.mark.slow

@@ -349,8 +349,7 @@ class Session:
             turn.partial = None
         if self.turn is not turn:
             return  # committed or dropped meanwhile: the final decode speaks for it
-        cut = text.rfind(" ")
-        await self._delta(turn, text[:cut] if cut > 0 else "")
+        await self._delta(turn, stable_prefix(text))
         self._maybe_partial()  # audio that came in during this decode
 
     async def _delta(self, turn: Turn, text: str) -> None:
@@ -405,6 +404,35 @@ class Session:
                 usage={"type": "duration", "seconds": round(seconds, 3)},
             )
         )
+
+
+def stable_prefix(text: str) -> str:
+    """The part of a partial hypothesis worth sending: up to where it starts repeating itself,
+    and without its last word, which the audio may end inside.
+
+    A partial's encoder sees only a few seconds (``encode_frames``), and on some clips Whisper
+    then loops on the phrase it heard ("produced the block, produced the block, ..."). Sent
+    words cannot be taken back, so the hypothesis is cut where a run of words repeats the run
+    just before it (the last copy may be cut short). A speaker's real repetition is only
+    delayed: the next hypotheses, or the completed transcript, carry it.
+    """
+    words = text.split(" ")
+    keys = ["".join(c for c in w.lower() if c.isalnum()) for w in words]
+    end = next(
+        (i for i in range(1, len(words)) if _repeats_before(keys, i)),
+        len(words),
+    )
+    return " ".join(words[: end - 1])
+
+
+def _repeats_before(keys: list[str], i: int) -> bool:
+    """Whether the words from ``i`` on repeat the ``k`` words before it, for some ``k``: all
+    ``k`` of them, or at least two where the text ends inside the copy."""
+    for k in range(1, i + 1):
+        copy = keys[i : i + k]
+        if copy == keys[i - k : i - k + len(copy)] and (len(copy) == k or len(copy) >= 2):
+            return True
+    return False
 
 
 def _ms(samples: int) -> int:
