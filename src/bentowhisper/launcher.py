@@ -260,6 +260,7 @@ def start_server(
     started; call :meth:`BentoServer.wait_ready` next.
     """
     port = port or free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "bentoml-serve.log"
     full_env = {**serve_env({**os.environ, **(env or {})}), "BENTOML_DO_NOT_TRACK": "true"}
     command = serve_command(port)
