@@ -96,18 +96,25 @@ def transcribe_local(
 ) -> int:
     """Transcribe ``files`` with the engine in this process, as the service would one request
     at a time (same settings, same 30 s windows and slices); return the exit status."""
-    from .engine.decoding import EncoderCache, decode_batch
-    from .engine.loading import load_from_settings
+    from .engine.checkpoints import resolve_checkpoint
     from .server.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
     from .server.chunked import request_events
     from .server.features import LogMel
     from .server.formats import render
     from .server.longform import TranscribeOptions
     from .server.protocol import TranscriptionRequest
+    from .vocabulary import load_vocabulary
 
-    bundle = load_from_settings(settings)
-    if language is not None and language not in bundle.vocab.languages:
+    # The tokenizer alone tells whether the model knows the language: a mistyped option fails
+    # in seconds, before torch is imported and the model loaded.
+    checkpoint = resolve_checkpoint(settings.model, settings.models_path)
+    if language is not None and language not in load_vocabulary(checkpoint).languages:
         return _fail(f"the model {settings.model!r} is English-only; --language {language}")
+
+    from .engine.decoding import EncoderCache, decode_batch
+    from .engine.loading import load_from_settings
+
+    bundle = load_from_settings(settings, checkpoint)
     request = TranscriptionRequest(
         model=settings.model, response_format=response_format, language=language
     )
