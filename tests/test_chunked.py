@@ -41,6 +41,7 @@ from bentowhisper.server import formats
 from bentowhisper.server.chunked import (
     Chunk,
     Chunking,
+    Lanes,
     chunked_events,
     pack_chunks,
     resolve_chunking,
@@ -107,6 +108,33 @@ def test_chunk_times_map_back_to_the_original() -> None:
     assert chunk.to_original(2.0, end=True) == 3.0  # an end to the earlier one
     assert chunk.to_original(3.0) == 11.0
     assert chunk.to_original(9.0, end=True) == 12.0  # past the end: the last sample
+
+
+def test_lanes_hold_a_long_files_extra_chunks_while_others_decode() -> None:
+    """A long file's first unfinished chunk goes on; its other chunks wait at their next call
+    while another request's call is in flight, and go on once it is answered."""
+
+    async def main() -> list[str]:
+        lanes, calls, answer = Lanes(), [], asyncio.Event()
+
+        async def model(jobs: list) -> list:
+            calls.append(jobs[0])
+            if jobs[0] == "short":
+                await answer.wait()
+            return jobs
+
+        short = asyncio.ensure_future(lanes.first(model)(["short"]))
+        await asyncio.sleep(0)
+        lead = asyncio.ensure_future(lanes.behind(model, lambda: True)(["lead"]))
+        extra = asyncio.ensure_future(lanes.behind(model, lambda: False)(["extra"]))
+        await asyncio.sleep(0.05)
+        held = list(calls)
+        answer.set()
+        await asyncio.gather(short, lead, extra)
+        alone = await lanes.behind(model, lambda: False)(["alone"])  # nobody else: no wait
+        return [*held, "|", *calls[len(held) :], *alone]
+
+    assert asyncio.run(main()) == ["short", "lead", "|", "extra", "alone", "alone"]
 
 
 def test_strategy_and_setting() -> None:
@@ -381,6 +409,10 @@ def test_long_file_chunks_are_decoded_together(longform_run) -> None:
     assert recorder.most_in_flight == 2
     assert max(recorder.batcher.sizes) == 2
     assert len(recorder.calls) >= 1 + 4  # the language probe, then 4 chunks of 106 s
+    # Sliced as the long-form loop's windows are, so that short requests never wait for a
+    # whole chunk: every decoding call of a chunk asks for at most slice_tokens steps.
+    steps = [job.max_steps for jobs in recorder.calls[1:] for job in jobs]
+    assert set(steps) == {32}, steps
 
 
 def test_a_closed_stream_stops_decoding(base) -> None:

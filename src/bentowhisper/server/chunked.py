@@ -14,13 +14,16 @@ are yielded in order, each as soon as its chunk and those before it are decoded.
 
 WhisperX, insanely-fast-whisper and faster-whisper's ``BatchedInferencePipeline`` work this
 way; what it gives up is conditioning a chunk on the previous chunk's text.
+
+The chunks of a file over 30 s are decoded in slices of ``slice_tokens``, as the long-form
+loop's windows are, and through :class:`Lanes` they step aside for every other request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -28,7 +31,7 @@ import numpy as np
 from ..config import Settings
 from ..transcript import Segment, Transcription
 from ..vocabulary import Vocabulary
-from ..wire import DecodeJob
+from ..wire import DecodeJob, DecodeResult
 from .longform import (
     HOP_LENGTH,
     SAMPLE_RATE,
@@ -44,6 +47,47 @@ from .longform import (
     window_features,
 )
 from .vad import FRAME, SpeechRegions, VadParams, detect_speech, normalize_loudness
+
+
+class Lanes:
+    """Short requests go before the extra chunks of long files.
+
+    Two long files keep eight chunks at the model service, a whole batch, and a short request
+    that came then waited behind them (its p95 6x idle before this, docs/benchmarks.md). While
+    a decode call of any other request (a short file, a realtime turn) is in flight, each long
+    file keeps only its first unfinished chunk going, and its other chunks wait at their next
+    slice boundary. With long files alone, their chunks fill the batches as before.
+    """
+
+    def __init__(self) -> None:
+        self.others = 0  # decode calls in flight that are not a long file's chunks
+        self._clear = asyncio.Event()
+        self._clear.set()
+
+    def first(self, decode: DecodeFn) -> DecodeFn:
+        """``decode`` for calls that long files' extra chunks make way for."""
+
+        async def call(jobs: list[DecodeJob]) -> list[DecodeResult]:
+            self.others += 1
+            self._clear.clear()
+            try:
+                return await decode(jobs)
+            finally:
+                self.others -= 1
+                if not self.others:
+                    self._clear.set()
+
+        return call
+
+    def behind(self, decode: DecodeFn, lead: Callable[[], bool]) -> DecodeFn:
+        """``decode`` for a long file's chunk: unless ``lead()``, it waits for the others."""
+
+        async def call(jobs: list[DecodeJob]) -> list[DecodeResult]:
+            while not lead() and self.others:
+                await self._clear.wait()
+            return await decode(jobs)
+
+        return call
 
 
 @dataclass(frozen=True)
@@ -85,14 +129,19 @@ def request_events(
     vocab: Vocabulary,
     features: FeaturesFn,
     settings: Settings,
+    lanes: Lanes | None = None,
 ) -> AsyncIterator[TranscriptionEvent]:
     """A request's events: chunked, or from the sequential loop, as its ``chunking_strategy``
-    (None when not sent) and the settings say."""
+    (None when not sent) and the settings say. With ``lanes`` shared by the requests of a
+    process, a chunked file over 30 s makes way for the others (:class:`Lanes`)."""
     chunking = resolve_chunking(strategy, settings.chunking)
+    long_file = chunking is not None and len(audio) > WINDOW_SAMPLES
+    if lanes is not None and not long_file:
+        decode = lanes.first(decode)
     if chunking is None:
         return transcribe_events(audio, options, decode, vocab, features)
     return chunked_events(
-        audio, chunking, options, decode, vocab, features, settings.max_chunks_in_flight
+        audio, chunking, options, decode, vocab, features, settings.max_chunks_in_flight, lanes
     )
 
 
@@ -185,9 +234,13 @@ async def chunked_events(
     vocab: Vocabulary,
     features: FeaturesFn,
     max_in_flight: int,
+    lanes: Lanes | None = None,
 ) -> AsyncIterator[TranscriptionEvent]:
-    """Each segment of ``audio`` in order, then :class:`.TranscriptionDone`, as the loop's."""
+    """Each segment of ``audio`` in order, then :class:`.TranscriptionDone`, as the loop's.
+    With ``lanes``, every chunk but the first unfinished one waits for the other requests."""
     duration = len(audio) / SAMPLE_RATE
+    if len(audio) > WINDOW_SAMPLES:  # its chunks are sliced as its windows would be
+        options = replace(options, part_of_long_file=True)
     if chunking.normalize:
         audio = await asyncio.to_thread(normalize_loudness, audio)
     speech = await asyncio.to_thread(detect_speech, audio, chunking.params)
@@ -207,11 +260,15 @@ async def chunked_events(
         language, probability = detected.language, detected.language_probability
         options = replace(options, language=language)
 
-    async def run(chunk: Chunk) -> TranscriptionDone:
-        async with slots:  # a chunk's features exist only while it holds a slot
-            return await _transcribe_chunk(audio, chunk, options, decode, vocab, features)
+    async def run(index: int, chunk: Chunk) -> TranscriptionDone:
+        def lead() -> bool:
+            return all(task.done() for task in tasks[:index])
 
-    tasks = [asyncio.ensure_future(run(chunk)) for chunk in chunks]
+        calls = decode if lanes is None else lanes.behind(decode, lead)
+        async with slots:  # a chunk's features exist only while it holds a slot
+            return await _transcribe_chunk(audio, chunk, options, calls, vocab, features)
+
+    tasks = [asyncio.ensure_future(run(i, chunk)) for i, chunk in enumerate(chunks)]
     segments: list[Segment] = []
     windows = fallbacks = 0
     try:

@@ -55,6 +55,7 @@ class TranscribeOptions:
     prompt_reset_on_temperature: float = 0.5
     word_timestamps: bool = False
     slice_tokens: int | None = None  # step budget per decode call for audio over 30 s
+    part_of_long_file: bool = False  # a chunk of a long file: sliced as if it were over 30 s
 
     @property
     def temperatures(self) -> list[float]:
@@ -130,7 +131,8 @@ async def transcribe_events(
     context: list[int] = list(initial_prompt)
     prompt_reset_since = 0
     language = options.language if vocab.is_multilingual else "en"
-    sliced = options.slice_tokens if content_frames > N_FRAMES else None
+    long = options.part_of_long_file or content_frames > N_FRAMES
+    sliced = options.slice_tokens if long else None
     request_key = uuid.uuid4().hex
     seek = 0
     while seek < content_frames:

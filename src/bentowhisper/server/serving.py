@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ import numpy as np
 from ..config import Settings
 from ..vocabulary import Vocabulary
 from .audio import AudioDecodeError, decode_audio
-from .chunked import request_events
+from .chunked import Lanes, request_events
 from .diarize import EmbedFn
 from .longform import (
     DecodeFn,
@@ -115,6 +115,7 @@ class Backend:
     admission: Admission
     # The speaker encoder service, for diarized_json; None where the host has none.
     embed: EmbedFn | None = None
+    lanes: Lanes = field(default_factory=Lanes)  # short requests before long files' chunks
 
     @property
     def model_names(self) -> list[str]:
@@ -134,7 +135,14 @@ class Backend:
         """The transcription of ``audio`` against this backend's model service: VAD chunks or
         the long-form loop, as the request's ``chunking_strategy`` and the settings say."""
         return request_events(
-            audio, chunking_strategy, options, self.decode, self.vocab, self.features, self.settings
+            audio,
+            chunking_strategy,
+            options,
+            self.decode,
+            self.vocab,
+            self.features,
+            self.settings,
+            self.lanes,
         )
 
 

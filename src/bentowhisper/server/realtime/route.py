@@ -252,7 +252,7 @@ async def _partial_text(audio: np.ndarray, config: SessionConfig, backend: Any) 
         encode_frames=min(N_FRAMES, steps * PARTIAL_CONTEXT_STEP),
         max_steps=PARTIAL_TOKENS_BASE + int(PARTIAL_TOKENS_PER_S * len(window) / TARGET_RATE),
     )
-    (result,) = await backend.decode([job])
+    (result,) = await backend.lanes.first(backend.decode)([job])
     if result.error:
         raise DecodeError(result.error)
     return vocab.decode(result.tokens).strip()
