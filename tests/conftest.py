@@ -18,6 +18,7 @@ from support import (
     MAX_SESSIONS,
     MAX_TURN_S,
     REPO_ROOT,
+    audio_leftovers,
     start_server,
 )
 
@@ -99,11 +100,15 @@ def api_key(server) -> Iterator[str]:
         server.api_key_file.write_text("")
 
 
-@pytest.fixture(scope="module")
-def rt_server(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """``bentoml serve`` with tiny.en and tight realtime limits, so the limits can be hit."""
-    tmp = tmp_path_factory.mktemp("realtime-serve")
+@pytest.fixture(scope="session")
+def tiny_server(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``bentoml serve`` with tiny.en, tight realtime limits (so that they can be hit) and a
+    ``TMPDIR`` of its own (so that decoder temp dirs left behind show). The fault, CLI, realtime
+    and playground tests share it, so it starts once. At teardown nothing it started may still
+    run and no decoder temp dir may be left."""
+    tmp = tmp_path_factory.mktemp("tiny-serve")
     (tmp / "api-keys").write_text("")
+    (tmp / "tmp").mkdir()
     env = {
         "BENTOML_HOME": str(tmp / "bentoml-home"),
         "BENTOWHISPER_MODELS_DIR": str(converted_models_dir),
@@ -113,7 +118,7 @@ def rt_server(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFacto
         "BENTOWHISPER_REALTIME_MAX_MESSAGE_KB": str(MAX_MESSAGE_KB),
         "BENTOWHISPER_REALTIME_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
         "BENTOWHISPER_REALTIME_MAX_SESSIONS": str(MAX_SESSIONS),
-        "OMP_WAIT_POLICY": "PASSIVE",
+        "TMPDIR": str(tmp / "tmp"),
     }
     running = start_server(log_dir=tmp, env=env)
     running.api_key_file = tmp / "api-keys"
@@ -123,5 +128,7 @@ def rt_server(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFacto
         running.stop()
         raise
     yield running
+    running.track()  # a model worker restarted by the fault tests too
     shutdown = running.stop()
     assert not shutdown.leftovers, shutdown.leftovers
+    assert not audio_leftovers(running), "decoder temp dirs left behind"

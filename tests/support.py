@@ -210,9 +210,14 @@ def scaled(signal: np.ndarray, dbfs: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# realtime: limits of the tight-limit server (conftest's ``rt_server``)
+# realtime: limits of the tight-limit server (conftest's ``tiny_server``)
 
 MAX_TURN_S = 15.0
 MAX_MESSAGE_KB = 64
 IDLE_TIMEOUT_S = 4.0
 MAX_SESSIONS = 12
+
+
+def audio_leftovers(server: BentoServer) -> list[str]:
+    """The decoder temp dirs in the server's ``TMPDIR`` (none once its requests are done)."""
+    return sorted(p.name for p in Path(server.env["TMPDIR"]).glob("bentowhisper-audio-*"))

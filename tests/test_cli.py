@@ -1,8 +1,10 @@
 """The ``bentowhisper`` command line, run as a user runs it, on real audio and a real server.
 
-``transcribe`` writes srt for the 106 s long-form dev clip in-process (with its progress bar);
-``transcribe --url`` sends the same files to ``bentowhisper serve`` and must write the same
-bytes. tiny.en keeps the two long decodes short on 2 shared cores.
+``transcribe`` writes srt for the 106 s long-form dev clip in-process (with its progress bar),
+reporting the bad files among its arguments and going on; ``transcribe --url`` sends the same
+files to the suite's tiny.en server (``bentoml serve``; ``bentowhisper serve`` itself is
+started by tests/test_instances.py) and must write the same bytes. tiny.en keeps the two long
+decodes short on 2 shared cores.
 """
 
 from __future__ import annotations
@@ -12,15 +14,12 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import jiwer
 import pytest
-from support import EVAL_DIR, REPO_ROOT, BentoServer, free_port, reference
+from support import EVAL_DIR, REPO_ROOT, free_port, reference
 from whisper_normalizer.english import EnglishTextNormalizer
-
-from bentowhisper.launcher import wait_ready
 
 LONGFORM = EVAL_DIR / "audio/longform/ljspeech_LJ001-0001_to_0016.flac"
 JFK = EVAL_DIR / "audio/en_misc/jfk.flac"
@@ -61,11 +60,16 @@ def cli_env(converted_models_dir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def local_srt(cli_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
-    """``bentowhisper transcribe LONGFORM JFK --format srt --model tiny.en --output-dir D``."""
+    """``bentowhisper transcribe LONGFORM MISSING EMPTY JFK --format srt --model tiny.en
+    --output-dir D``: two bad files between the good ones."""
     out = tmp_path_factory.mktemp("cli-local")
+    missing, empty = out / "missing.wav", out / "empty.wav"
+    empty.write_bytes(b"")
     done = cli(
         "transcribe",
         LONGFORM,
+        missing,
+        empty,
         JFK,
         "--format",
         "srt",
@@ -75,37 +79,7 @@ def local_srt(cli_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
         out,
         env=cli_env,
     )
-    assert done.returncode == 0, done.stderr
     return done, out
-
-
-@pytest.fixture(scope="module")
-def served(cli_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``bentowhisper serve --model tiny.en --port P``, ready; yields its URL."""
-    tmp = tmp_path_factory.mktemp("cli-serve")
-    port = free_port()
-    log_path = tmp / "serve.log"
-    env = {**cli_env, "BENTOML_HOME": str(tmp / "bentoml-home")}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [*CLI, "serve", "--model", MODEL, "--port", str(port)],
-            cwd=tmp,  # anywhere: the CLI finds service.py itself
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = BentoServer(proc=proc, port=port, log_path=log_path, env=env)
-    try:
-        wait_ready(server.url, timeout_s=400, proc=proc)
-        server.track()
-        yield server.url
-    except BaseException as exc:
-        raise RuntimeError(f"{exc}\n{server.log_tail()}") from exc
-    finally:
-        shutdown = server.stop()
-        assert not shutdown.leftovers, shutdown.leftovers
 
 
 def test_transcribe_writes_srt_of_a_long_file_with_progress(local_srt) -> None:
@@ -129,7 +103,9 @@ def test_transcribe_writes_srt_of_a_long_file_with_progress(local_srt) -> None:
     assert str(out / "jfk.srt") in done.stderr and str(out / f"{LONGFORM.stem}.srt") in done.stderr
 
 
-def test_transcribe_url_gives_what_the_engine_gives(local_srt, served, cli_env, tmp_path) -> None:
+def test_transcribe_url_gives_what_the_engine_gives(
+    local_srt, tiny_server, cli_env, tmp_path
+) -> None:
     _, local = local_srt
     done = cli(
         "transcribe",
@@ -140,7 +116,7 @@ def test_transcribe_url_gives_what_the_engine_gives(local_srt, served, cli_env, 
         "--model",
         MODEL,
         "--url",
-        served,
+        tiny_server.url,
         "--output-dir",
         tmp_path,
         env=cli_env,
@@ -150,22 +126,22 @@ def test_transcribe_url_gives_what_the_engine_gives(local_srt, served, cli_env, 
         assert (tmp_path / name).read_text() == (local / name).read_text(), name
 
 
-def test_transcribe_url_prints_json_to_stdout(served, cli_env) -> None:
-    done = cli("transcribe", JFK, "--format", "json", "--url", served, env=cli_env)
+def test_transcribe_url_prints_json_to_stdout(tiny_server, cli_env) -> None:
+    done = cli("transcribe", JFK, "--format", "json", "--url", tiny_server.url, env=cli_env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith('{"text":"And so my fellow Americans'), done.stdout
     assert "ask not what your country can do for you" in done.stdout.replace(",", "")
     assert done.stdout.endswith(',"usage":{"type":"duration","seconds":11}}\n'), done.stdout
 
 
-def test_transcribe_reports_bad_files_and_goes_on(cli_env, tmp_path) -> None:
-    missing, empty = tmp_path / "missing.wav", tmp_path / "empty.wav"
-    empty.write_bytes(b"")
-    done = cli("transcribe", missing, empty, JFK, "--model", MODEL, env=cli_env)
-    assert done.returncode == 1
+def test_transcribe_reports_bad_files_and_goes_on(local_srt) -> None:
+    done, out = local_srt
+    missing, empty = out / "missing.wav", out / "empty.wav"
+    assert done.returncode == 1, done.stderr
     assert f"bentowhisper: {missing}: " in done.stderr and "No such file" in done.stderr
     assert f"bentowhisper: {empty}: The audio file is empty" in done.stderr
-    assert "ask not what your country can do for you" in done.stdout.replace(",", "")
+    jfk = (out / "jfk.srt").read_text()  # the file after the bad ones
+    assert "ask not what your country can do for you" in jfk.replace(",", ""), jfk
 
 
 def test_transcribe_rejects_a_language_the_model_lacks(cli_env) -> None:

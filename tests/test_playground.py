@@ -67,7 +67,7 @@ class DevTools:
 
 
 @pytest.fixture
-def browser(rt_server, tmp_path: Path):
+def browser(tiny_server, tmp_path: Path):
     from websockets.sync.client import connect
 
     if CHROMIUM is None:
@@ -87,7 +87,7 @@ def browser(rt_server, tmp_path: Path):
             f"--user-data-dir={tmp_path / 'profile'}",
             f"--use-file-for-fake-audio-capture={fake_mic}",
             f"--remote-debugging-port={port}",
-            rt_server.url + "/playground",
+            tiny_server.url + "/playground",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

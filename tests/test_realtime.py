@@ -322,12 +322,12 @@ def test_partial_hypotheses_are_sent_up_to_a_loop(hypothesis: str, sent: str) ->
 
 
 @pytest.mark.slow
-def test_server_vad_streams_deltas_before_speech_stops(rt_server) -> None:
+def test_server_vad_streams_deltas_before_speech_stops(tiny_server) -> None:
 
     pcm = ffmpeg_raw(CLIP, 24000)
 
     async def run() -> list:
-        async with _client(rt_server).realtime.connect(
+        async with _client(tiny_server).realtime.connect(
             extra_query={"intent": "transcription"}
         ) as connection:
             await connection.session.update(session=_update({"type": "server_vad"}))
@@ -350,20 +350,20 @@ def test_server_vad_streams_deltas_before_speech_stops(rt_server) -> None:
     # Partial hypotheses may differ from the final one in case and punctuation.
     spoken = "".join(event.delta for _, event in events if event.type.endswith(".delta"))
     assert english(spoken).split()[:1] == english(completed.transcript).split()[:1], spoken
-    file_wer, file_text = _file_wer(rt_server)
+    file_wer, file_text = _file_wer(tiny_server)
     realtime_wer = wer(_reference(), completed.transcript)
     assert realtime_wer <= 1.1 * file_wer, (completed.transcript, file_text)
 
 
 @pytest.mark.slow
-def test_manual_commits_and_beta_names(rt_server) -> None:
+def test_manual_commits_and_beta_names(tiny_server) -> None:
     """``turn_detection: null``: the client commits; deltas come while the buffer grows.
     Through the beta client, whose session event is ``transcription_session.update``."""
 
     pcm = ffmpeg_raw(CLIP, 24000)
 
     async def run() -> list:
-        client = _client(rt_server)
+        client = _client(tiny_server)
         async with client.beta.realtime.connect(
             model="whisper-1", extra_query={"intent": "transcription"}
         ) as connection:
@@ -387,7 +387,7 @@ def test_manual_commits_and_beta_names(rt_server) -> None:
     deltas = [i for i, kind in enumerate(kinds) if kind.endswith("transcription.delta")]
     assert deltas and deltas[0] < committed, kinds
     completed = events[-1][1]
-    file_wer, file_text = _file_wer(rt_server)
+    file_wer, file_text = _file_wer(tiny_server)
     assert wer(_reference(), completed.transcript) <= 1.1 * file_wer, (
         completed.transcript,
         file_text,
@@ -395,11 +395,11 @@ def test_manual_commits_and_beta_names(rt_server) -> None:
 
 
 @pytest.mark.slow
-def test_bad_events_get_errors_and_the_session_goes_on(rt_server) -> None:
+def test_bad_events_get_errors_and_the_session_goes_on(tiny_server) -> None:
     pcmu = ffmpeg_raw(CLIP, 8000, "mulaw")[: 8000 * 3]
 
     async def run() -> list:
-        async with _client(rt_server).realtime.connect(
+        async with _client(tiny_server).realtime.connect(
             extra_query={"intent": "transcription"}
         ) as connection:
             send = connection.send
@@ -440,23 +440,23 @@ def _b64(data: bytes) -> str:
 
 
 @pytest.mark.slow
-def test_api_keys_by_header_or_subprotocol(rt_server) -> None:
+def test_api_keys_by_header_or_subprotocol(tiny_server) -> None:
     import websockets
     from websockets.exceptions import InvalidStatus
 
-    rt_server.api_key_file.write_text("rt-key\n")
-    url = rt_server.base_url.replace("http", "ws") + "/realtime?intent=transcription"
+    tiny_server.api_key_file.write_text("rt-key\n")
+    url = tiny_server.base_url.replace("http", "ws") + "/realtime?intent=transcription"
 
     async def run() -> None:
         with pytest.raises(InvalidStatus) as refused:
-            async with _client(rt_server, "wrong").realtime.connect(
+            async with _client(tiny_server, "wrong").realtime.connect(
                 extra_query={"intent": "transcription"}
             ):
                 pass
         assert refused.value.response.status_code == 401
         body = json.loads(refused.value.response.body)
         assert body["error"]["type"] == "invalid_request_error"
-        async with _client(rt_server, "rt-key").realtime.connect(
+        async with _client(tiny_server, "rt-key").realtime.connect(
             extra_query={"intent": "transcription"}
         ) as connection:
             assert (await connection.recv()).type == "session.created"
@@ -468,15 +468,15 @@ def test_api_keys_by_header_or_subprotocol(rt_server) -> None:
     try:
         asyncio.run(run())
     finally:
-        rt_server.api_key_file.write_text("")
+        tiny_server.api_key_file.write_text("")
 
 
 @pytest.mark.slow
-def test_idle_timeout_and_session_limit(rt_server) -> None:
+def test_idle_timeout_and_session_limit(tiny_server) -> None:
     import websockets
     from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-    url = rt_server.base_url.replace("http", "ws") + "/realtime?intent=transcription"
+    url = tiny_server.base_url.replace("http", "ws") + "/realtime?intent=transcription"
 
     async def run() -> None:
         async with websockets.connect(url) as idle:
@@ -517,12 +517,12 @@ def _api_worker_rss_kb(server) -> int:
 
 
 @pytest.mark.slow
-def test_sessions_that_drop_leave_nothing_behind(rt_server) -> None:
+def test_sessions_that_drop_leave_nothing_behind(tiny_server) -> None:
     """100 sessions stream speech (a partial decode in flight) and vanish without a close
     frame; afterwards no session, decode task or memory is left in the API worker."""
     import websockets
 
-    url = rt_server.base_url.replace("http", "ws") + "/realtime?intent=transcription"
+    url = tiny_server.base_url.replace("http", "ws") + "/realtime?intent=transcription"
     speech = _b64(ffmpeg_raw(CLIP, 24000)[: 24000 * 2 * 2])  # 2 s: enough for a partial
 
     async def one() -> None:
@@ -539,8 +539,8 @@ def test_sessions_that_drop_leave_nothing_behind(rt_server) -> None:
     async def settle() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            active = _metric(rt_server, "bentowhisper_realtime_sessions_active")
-            tasks = _metric(rt_server, "bentowhisper_realtime_decode_tasks")
+            active = _metric(tiny_server, "bentowhisper_realtime_sessions_active")
+            tasks = _metric(tiny_server, "bentowhisper_realtime_decode_tasks")
             if active == 0 and tasks == 0:
                 return
             await asyncio.sleep(1)
@@ -549,11 +549,11 @@ def test_sessions_that_drop_leave_nothing_behind(rt_server) -> None:
     async def run() -> tuple[int, int]:
         await wave(10)  # warm-up: allocator pools, lazily created objects
         await settle()
-        before = _api_worker_rss_kb(rt_server)
+        before = _api_worker_rss_kb(tiny_server)
         for _ in range(10):
             await wave(10)
         await settle()
-        return before, _api_worker_rss_kb(rt_server)
+        return before, _api_worker_rss_kb(tiny_server)
 
     before, after = asyncio.run(run())
     assert after - before < 30_000, f"API worker RSS grew {before} -> {after} kB"
