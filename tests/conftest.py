@@ -19,6 +19,7 @@ from support import (
     MAX_TURN_S,
     REPO_ROOT,
     audio_leftovers,
+    serve_tiny,
     start_server,
 )
 
@@ -108,25 +109,16 @@ def tiny_server(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFac
     run and no decoder temp dir may be left."""
     tmp = tmp_path_factory.mktemp("tiny-serve")
     (tmp / "api-keys").write_text("")
-    (tmp / "tmp").mkdir()
-    env = {
-        "BENTOML_HOME": str(tmp / "bentoml-home"),
-        "BENTOWHISPER_MODELS_DIR": str(converted_models_dir),
-        "BENTOWHISPER_MODEL": "tiny.en",
-        "BENTOWHISPER_API_KEY_FILE": str(tmp / "api-keys"),
-        "BENTOWHISPER_REALTIME_MAX_TURN_S": str(MAX_TURN_S),
-        "BENTOWHISPER_REALTIME_MAX_MESSAGE_KB": str(MAX_MESSAGE_KB),
-        "BENTOWHISPER_REALTIME_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
-        "BENTOWHISPER_REALTIME_MAX_SESSIONS": str(MAX_SESSIONS),
-        "TMPDIR": str(tmp / "tmp"),
-    }
-    running = start_server(log_dir=tmp, env=env)
+    running = serve_tiny(
+        tmp,
+        converted_models_dir,
+        BENTOWHISPER_API_KEY_FILE=str(tmp / "api-keys"),
+        BENTOWHISPER_REALTIME_MAX_TURN_S=str(MAX_TURN_S),
+        BENTOWHISPER_REALTIME_MAX_MESSAGE_KB=str(MAX_MESSAGE_KB),
+        BENTOWHISPER_REALTIME_IDLE_TIMEOUT_S=str(IDLE_TIMEOUT_S),
+        BENTOWHISPER_REALTIME_MAX_SESSIONS=str(MAX_SESSIONS),
+    )
     running.api_key_file = tmp / "api-keys"
-    try:
-        running.wait_ready(timeout_s=400)  # two cores shared with other test runs
-    except BaseException:
-        running.stop()
-        raise
     yield running
     running.track()  # a model worker restarted by the fault tests too
     shutdown = running.stop()

@@ -221,3 +221,28 @@ MAX_SESSIONS = 12
 def audio_leftovers(server: BentoServer) -> list[str]:
     """The decoder temp dirs in the server's ``TMPDIR`` (none once its requests are done)."""
     return sorted(p.name for p in Path(server.env["TMPDIR"]).glob("bentowhisper-audio-*"))
+
+
+def serve_tiny(tmp: Path, models_dir: Path, **env: str) -> BentoServer:
+    """``bentoml serve`` with tiny.en (cheap to decode on a CPU), no API keys unless ``env``
+    sets them, and a ``TMPDIR`` of its own (see :func:`audio_leftovers`); ready when it
+    returns."""
+    (tmp / "tmp").mkdir(parents=True)
+    running = start_server(
+        log_dir=tmp,
+        env={
+            "BENTOML_HOME": str(tmp / "bentoml-home"),
+            "BENTOWHISPER_MODELS_DIR": str(models_dir),
+            "BENTOWHISPER_MODEL": "tiny.en",
+            "BENTOWHISPER_API_KEYS": "",
+            "BENTOWHISPER_API_KEY_FILE": "",
+            "TMPDIR": str(tmp / "tmp"),
+            **env,
+        },
+    )
+    try:
+        running.wait_ready(timeout_s=400)  # two cores shared with other test runs
+    except BaseException:
+        running.stop()
+        raise
+    return running

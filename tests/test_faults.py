@@ -50,7 +50,7 @@ from support import (
     http_request,
     metric,
     multipart,
-    start_server,
+    serve_tiny,
 )
 
 from bentowhisper.config import Settings, load_settings
@@ -157,29 +157,6 @@ def requests_by_status(url: str) -> dict[str, float]:
         status: metric(url, "bentowhisper_requests_total", endpoint="transcriptions", status=status)
         for status in ("200", "499", "500", "503", "504")
     }
-
-
-def serve(tmp: Path, converted_models_dir: Path, **env: str) -> BentoServer:
-    """``bentoml serve`` with tiny.en and a temp dir of its own; ready when it returns."""
-    (tmp / "tmp").mkdir(parents=True)
-    running = start_server(
-        log_dir=tmp,
-        env={
-            "BENTOML_HOME": str(tmp / "bentoml-home"),
-            "BENTOWHISPER_MODELS_DIR": str(converted_models_dir),
-            "BENTOWHISPER_MODEL": "tiny.en",
-            "BENTOWHISPER_API_KEYS": "",
-            "BENTOWHISPER_API_KEY_FILE": "",
-            "TMPDIR": str(tmp / "tmp"),
-            **env,
-        },
-    )
-    try:
-        running.wait_ready()
-    except BaseException:
-        running.stop()
-        raise
-    return running
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,7 +496,7 @@ def test_model_worker_killed_in_a_container_fails_the_probes(
     """
     # a short temp path: BentoML puts the services' Unix sockets there (108-byte limit)
     tmp = tmp_path_factory.mktemp("container")
-    server = serve(tmp, converted_models_dir, BENTOML_CONTAINERIZED="true")
+    server = serve_tiny(tmp, converted_models_dir, BENTOML_CONTAINERIZED="true")
     try:
         url = server.url
         (victim,) = model_workers(server)

@@ -135,11 +135,10 @@ def request_events(
     (None when not sent) and the settings say. With ``lanes`` shared by the requests of a
     process, a chunked file over 30 s makes way for the others (:class:`Lanes`)."""
     chunking = resolve_chunking(strategy, settings.chunking)
-    long_file = chunking is not None and len(audio) > WINDOW_SAMPLES
-    if lanes is not None and not long_file:
-        decode = lanes.first(decode)
     if chunking is None:
-        return transcribe_events(audio, options, decode, vocab, features)
+        return transcribe_events(
+            audio, options, lanes.first(decode) if lanes is not None else decode, vocab, features
+        )
     return chunked_events(
         audio, chunking, options, decode, vocab, features, settings.max_chunks_in_flight, lanes
     )
@@ -237,10 +236,14 @@ async def chunked_events(
     lanes: Lanes | None = None,
 ) -> AsyncIterator[TranscriptionEvent]:
     """Each segment of ``audio`` in order, then :class:`.TranscriptionDone`, as the loop's.
-    With ``lanes``, every chunk but the first unfinished one waits for the other requests."""
+    With ``lanes``, a file over 30 s keeps only its first unfinished chunk going while other
+    requests decode, and a shorter one counts among those others."""
     duration = len(audio) / SAMPLE_RATE
-    if len(audio) > WINDOW_SAMPLES:  # its chunks are sliced as its windows would be
+    long_file = len(audio) > WINDOW_SAMPLES
+    if long_file:  # its chunks are sliced as its windows would be
         options = replace(options, part_of_long_file=True)
+    elif lanes is not None:
+        decode = lanes.first(decode)
     if chunking.normalize:
         audio = await asyncio.to_thread(normalize_loudness, audio)
     speech = await asyncio.to_thread(detect_speech, audio, chunking.params)
@@ -264,7 +267,7 @@ async def chunked_events(
         def lead() -> bool:
             return all(task.done() for task in tasks[:index])
 
-        calls = decode if lanes is None else lanes.behind(decode, lead)
+        calls = lanes.behind(decode, lead) if lanes is not None and long_file else decode
         async with slots:  # a chunk's features exist only while it holds a slot
             return await _transcribe_chunk(audio, chunk, options, calls, vocab, features)
 
