@@ -10,6 +10,8 @@ PORT ?= 3000
 #   make .venv TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (tests/conftest.py groups the tests; 0: one process).
+TEST_WORKERS ?= 2
 BENCH_ARGS ?= --out benchmarks/results/tmp/rtf.json
 LINT_PATHS := src tests service.py benchmarks
 # Every package pinned (requirements/constraints.txt, `make constraints`): pip resolves at once
@@ -54,10 +56,11 @@ constraints:
 serve: .venv
 	$(VENV)/bin/bentowhisper serve --port $(PORT)
 
-# One pytest process: the end-to-end modules share one `bentoml serve` (tests/conftest.py).
-# -rfE names every failure and error at the end. JUNIT_DIR: a JUnit report there (CI reads it).
+# Two workers (much of the suite waits on servers and subprocesses): the tests of each shared
+# `bentoml serve` run on one worker (tests/conftest.py). -rfE names every failure and error at
+# the end. JUNIT_DIR: a JUnit report there (CI reads it).
 test: .venv
-	$(VENV)/bin/python -m pytest -q -rfE $(PYTEST_ARGS) \
+	$(VENV)/bin/python -m pytest -q -rfE -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) \
 		$(if $(JUNIT_DIR),--junitxml=$(JUNIT_DIR)/tests.xml) tests
 
 lint: .venv

@@ -24,6 +24,17 @@ from support import (
 )
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's worker reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``make test`` runs two pytest-xdist workers with ``--dist loadgroup``: every test of one
+    session server goes to the same worker (so each server starts once), and every other test
+    goes with its module (so a module's models load once)."""
+    for item in items:
+        names = item.fixturenames
+        group = next((n for n in ("server", "tiny_server") if n in names), item.module.__name__)
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     if os.environ.get("CI") and not (EVAL_DIR / "manifest.jsonl").is_file():
         raise pytest.UsageError(
