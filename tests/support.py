@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,11 @@ def load_profile_model(converted_models_dir, name: str) -> WhisperBundle:
 
 # --------------------------------------------------------------------------------------------
 # noise for the VAD and chunking tests
+
+
+def speech_then(noise: Callable[[float, float], np.ndarray], level: float) -> np.ndarray:
+    """jfk, then 90 s of ``noise(seconds, dbfs)`` at ``level`` dBFS."""
+    return np.concatenate([load_audio(JFK), noise(90, level)])
 
 
 def white(seconds: float, dbfs: float, seed: int = 0) -> np.ndarray:

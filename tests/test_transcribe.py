@@ -630,10 +630,14 @@ def test_window_shorter_than_a_second(models, model):
 
 def test_every_container_gives_the_same_transcript(tiny_en):
     """jfk re-encoded into each format users send decodes (by content) and transcribes to the
-    same words as the original FLAC."""
-    original = transcribe_one(tiny_en, load_audio(JFK))[0].text
-    assert english(original) == english(JFK_TEXT)
-    for name, (file_name, options) in ENCODINGS.items():
-        data = ffmpeg("-i", str(EVAL_DIR / JFK), "-vn", *options, out_name=file_name)
-        result, _ = transcribe_one(tiny_en, decode_audio(data))
-        assert english(result.text) == english(original), (name, result.text)
+    same words as the original FLAC (all in one batch)."""
+    encoded = {
+        name: decode_audio(ffmpeg("-i", str(EVAL_DIR / JFK), "-vn", *options, out_name=file_name))
+        for name, (file_name, options) in ENCODINGS.items()
+    }
+    clips = {"original": load_audio(JFK), **encoded}
+    runs = transcribe_all(tiny_en, [(audio, TranscribeOptions()) for audio in clips.values()])
+    texts = {name: result.text for name, (result, _) in zip(clips, runs, strict=True)}
+    assert english(texts["original"]) == english(JFK_TEXT)
+    for name in encoded:
+        assert english(texts[name]) == english(texts["original"]), (name, texts[name])
