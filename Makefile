@@ -60,7 +60,7 @@ serve: .venv
 # `bentoml serve` run on one worker (tests/conftest.py). -rfE names every failure and error at
 # the end. JUNIT_DIR: a JUnit report there (CI reads it).
 test: .venv
-	$(VENV)/bin/python -m pytest -q -rfE -n $(TEST_WORKERS) $(PYTEST_ARGS) \
+	$(VENV)/bin/python -m pytest -q -rfE -n $(TEST_WORKERS) --no-loadscope-reorder $(PYTEST_ARGS) \
 		$(if $(JUNIT_DIR),--junitxml=$(JUNIT_DIR)/tests.xml) tests
 
 lint: .venv
