@@ -49,6 +49,7 @@ SERVER_MODULES = {
 GROUP_OF = {module: server for server, modules in SERVER_MODULES.items() for module in modules}
 
 
+@pytest.hookimpl(optionalhook=True)  # a plain run without xdist (-p no:xdist) still works
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """Modules grouped as above: xdist's own ``loadgroup`` no longer works with pytest 9
     (it renames ``item._nodeid``, which pytest 9 does not read)."""
