@@ -99,7 +99,7 @@ class WhisperBundle:
         """The special token ids and decoding lists (see :mod:`.vocabulary`)."""
         from ..vocabulary import load_vocabulary
 
-        return load_vocabulary(self.checkpoint or self.name, tokenizer=self.tokenizer)
+        return load_vocabulary(self.checkpoint or self.name)
 
 
 def load_whisper(

@@ -50,7 +50,7 @@ def _split_words(vocab: Vocabulary, tokens: list[int], language: str) -> list[tu
     current: list[int] = []
     for token in tokens:
         current.append(token)
-        text = vocab.tokenizer.decode(current)
+        text = vocab.decode(current)
         if "\ufffd" in text:  # an incomplete multi-byte character: keep accumulating
             continue
         starts_word = text.startswith(" ") or text.strip() in string.punctuation
@@ -61,7 +61,7 @@ def _split_words(vocab: Vocabulary, tokens: list[int], language: str) -> list[tu
             pieces[-1] = (prev_text + text, prev_count + len(current))
         current = []
     if current:
-        pieces.append((vocab.tokenizer.decode(current), len(current)))
+        pieces.append((vocab.decode(current), len(current)))
     return pieces
 
 
