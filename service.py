@@ -179,7 +179,8 @@ app = create_app()  # routes only; the backend is set in the service's __init__
 @bentoml.asgi_app(app, path="/")
 class BentoWhisper:
     model = bentoml.depends(WhisperModel)
-    speakers = bentoml.depends(SpeakerEncoder)
+    if SETTINGS.diarization:  # else the speaker encoder is not started at all
+        speakers = bentoml.depends(SpeakerEncoder)
     stored = STORED
 
     def __init__(self) -> None:
@@ -197,7 +198,7 @@ class BentoWhisper:
             vocab=load_vocabulary(path),
             features=LogMel.from_checkpoint(path),
             decode=self.decode_windows,
-            embed=self.embed_windows,
+            embed=self.embed_windows if SETTINGS.diarization else None,
             admission=Admission(SETTINGS.max_concurrent_requests),
         )
 

@@ -44,7 +44,13 @@ SERVER_MODULES = {
         "test_service",
         "test_soak",
     },
-    "tiny_server": {"test_cli", "test_faults", "test_playground", "test_realtime"},
+    "tiny_server": {
+        "test_cli",
+        "test_faults",
+        "test_playground",
+        "test_realtime",
+        "test_without_diarization",
+    },
 }
 GROUP_OF = {module: server for server, modules in SERVER_MODULES.items() for module in modules}
 
@@ -163,10 +169,10 @@ def api_key(server) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def tiny_server(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """``bentoml serve`` with tiny.en, tight realtime limits (so that they can be hit) and a
-    ``TMPDIR`` of its own (so that decoder temp dirs left behind show). The fault, CLI, realtime
-    and playground tests share it, so it starts once. At teardown nothing it started may still
-    run and no decoder temp dir may be left."""
+    """``bentoml serve`` with tiny.en, no diarization, tight realtime limits (so that they can
+    be hit) and a ``TMPDIR`` of its own (so that decoder temp dirs left behind show). The fault,
+    CLI, realtime and playground tests share it, so it starts once. At teardown nothing it
+    started may still run and no decoder temp dir may be left."""
     tmp = tmp_path_factory.mktemp("tiny-serve")
     (tmp / "api-keys").write_text("")
     running = serve_tiny(

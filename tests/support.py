@@ -229,9 +229,9 @@ def audio_leftovers(server: BentoServer) -> list[str]:
 
 
 def serve_tiny(tmp: Path, models_dir: Path, **env: str) -> BentoServer:
-    """``bentoml serve`` with tiny.en (cheap to decode on a CPU), no API keys unless ``env``
-    sets them, and a ``TMPDIR`` of its own (see :func:`audio_leftovers`); ready when it
-    returns."""
+    """``bentoml serve`` with tiny.en (cheap to decode on a CPU), no speaker encoder, no API
+    keys unless ``env`` sets them, and a ``TMPDIR`` of its own (see :func:`audio_leftovers`);
+    ready when it returns."""
     (tmp / "tmp").mkdir(parents=True)
     running = start_server(
         log_dir=tmp,
@@ -239,6 +239,7 @@ def serve_tiny(tmp: Path, models_dir: Path, **env: str) -> BentoServer:
             "BENTOML_HOME": str(tmp / "bentoml-home"),
             "BENTOWHISPER_MODELS_DIR": str(models_dir),
             "BENTOWHISPER_MODEL": "tiny.en",
+            "BENTOWHISPER_DIARIZATION": "false",  # one process fewer to start
             "BENTOWHISPER_API_KEYS": "",
             "BENTOWHISPER_API_KEY_FILE": "",
             "TMPDIR": str(tmp / "tmp"),

@@ -80,7 +80,10 @@ def start(tmp: Path, env: dict[str, str]) -> BentoServer:
 @pytest.fixture(scope="module")
 def servers(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """(first, its prober, second): the second logs its decode calls."""
-    env = {"BENTOWHISPER_MODELS_DIR": str(converted_models_dir)}
+    env = {
+        "BENTOWHISPER_MODELS_DIR": str(converted_models_dir),
+        "BENTOWHISPER_DIARIZATION": "false",
+    }
     first = start(tmp_path_factory.mktemp("first"), env)
     prober = Prober(first.url)
     second = start(

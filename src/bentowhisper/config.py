@@ -67,6 +67,9 @@ class Settings:
     max_concurrent_requests: int = 16
     # diarized_json: at most this many speakers per file (their count comes from the audio).
     max_speakers: int = 8
+    # false: no speaker-encoder service (one process, or one replica, fewer); diarized_json
+    # then answers 400.
+    diarization: bool = True
     # Bearer keys; empty means no authentication.
     api_keys: list[str] = field(default_factory=list)
     api_key_file: str = ""

@@ -196,7 +196,8 @@ async def _known_speakers(
         return {}
     if backend.embed is None:
         raise BadRequest(
-            "response_format 'diarized_json' is not available on this server.",
+            "response_format 'diarized_json' is not available on this server: it runs"
+            " without diarization.",
             param="response_format",
         )
     samples = [
