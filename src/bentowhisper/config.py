@@ -53,7 +53,7 @@ class Settings:
     quantization: str = "auto"
     # Adaptive batching of 30 s windows across requests.
     max_batch_size: int = 8
-    max_latency_ms: int = 60_000
+    max_latency_ms: int = 300_000
     # Windows of audio over 30 s are decoded this many tokens per call, so a long file never
     # holds a batch (and the short requests in it) for a whole window; 0 disables slicing.
     slice_tokens: int = 32
