@@ -42,13 +42,13 @@ SERVER_MODULES = {
         "test_fuzz",
         "test_readme",
         "test_service",
-        "test_soak",
     },
     "tiny_server": {
         "test_cli",
         "test_faults",
         "test_playground",
         "test_realtime",
+        "test_soak",
         "test_without_diarization",
     },
 }

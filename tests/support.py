@@ -12,7 +12,9 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +134,97 @@ def metric(url: str, name: str, **labels: str) -> float:
         if all(f'{key}="{wanted}"' in head for key, wanted in labels.items()):
             total += float(value)
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# a served transcription as its client meets it, and the model service's workers (faults)
+
+TRANSCRIBE = "/v1/audio/transcriptions"
+WORKER = "_bentoml_impl.worker.service"
+MODEL_WORKER = "--service-name whisper-model"
+
+
+def longform_mp3(seconds: float) -> bytes:
+    """The longform eval clip (16 LJSpeech clips in a row, 106 s), looped or cut to ``seconds``,
+    as 32 kbit/s mono MP3 (about 0.25 MB a minute)."""
+    return ffmpeg(
+        "-stream_loop", "-1", "-i", str(EVAL_DIR / LONGFORM), "-t", str(seconds), "-ac", "1",
+        "-ar", "16000", "-c:a", "libmp3lame", "-b:a", "32k", "-f", "mp3",
+    )  # fmt: skip
+
+
+def decodes(url: str) -> float:
+    """Decode calls the model service has finished (any status)."""
+    return metric(url, "bentoml_service_request_total", endpoint="/decode")
+
+
+def model_workers(server: BentoServer) -> list[int]:
+    """Pids of the model service's worker processes (the API worker is ``bentowhisper``)."""
+    return [
+        pid
+        for (pid, _), cmdline in descendants(server.proc.pid).items()
+        if WORKER in cmdline and MODEL_WORKER in cmdline
+    ]
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
+
+
+@dataclass
+class Outcome:
+    status: int | str  # an HTTP status, or the client error's name
+    body: dict | None  # the JSON body; for a stream its last event
+    seconds: float
+    events: list[dict] | None = None  # a stream's events
+    headers: httpx.Headers | None = None
+
+    @property
+    def failed_in_band(self) -> bool:
+        """A stream that answered 200 and then reported an error event."""
+        return self.events is not None and "error" in (self.body or {})
+
+
+def sse_events(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+def outcome_of(response: httpx.Response, started: float, stream: bool) -> Outcome:
+    seconds = time.monotonic() - started
+    if stream and response.status_code == 200:
+        events = sse_events(response.text)
+        return Outcome(200, events[-1] if events else None, seconds, events)
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"raw": response.text[:300]}
+    return Outcome(response.status_code, body, seconds)
+
+
+def post_audio(url: str, audio: bytes, timeout_s: float, *, stream: bool = False) -> Outcome:
+    """An MP3 posted to the transcriptions endpoint with httpx, as it ends for the client."""
+    started = time.monotonic()
+    data = {"model": "whisper-1", **({"stream": "true"} if stream else {})}
+    try:
+        response = httpx.post(
+            url + TRANSCRIBE,
+            files={"file": ("speech.mp3", audio, "audio/mpeg")},
+            data=data,
+            timeout=timeout_s,
+        )
+    except httpx.HTTPError as exc:
+        return Outcome(type(exc).__name__, None, time.monotonic() - started)
+    return outcome_of(response, started, stream)
+
+
+def assert_envelope(outcome: Outcome) -> None:
+    assert isinstance(outcome.body, dict) and set(outcome.body) == {"error"}, outcome
+    assert set(outcome.body["error"]) == ERROR_KEYS, outcome
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,17 +1,15 @@
 """Faults: a client that leaves, a model worker that dies, a batch item that fails.
 
-The server tests run on ``bentoml serve`` with ``tiny.en`` (cheap to decode on a CPU): the
-suite's ``tiny_server`` (conftest.py), and for the container case one of their own. Each has a
-temp directory of its own (``TMPDIR``) so that the audio decoder's ``bentowhisper-audio-*``
-directories can be checked for leftovers, and every process below it is tracked so that none
-may outlive it:
+The server tests run on the suite's ``tiny_server`` (conftest.py: ``bentoml serve`` with
+``tiny.en``, cheap to decode on a CPU). It has a temp directory of its own (``TMPDIR``) so that
+the audio decoder's ``bentowhisper-audio-*`` directories can be checked for leftovers, and
+every process below it is tracked so that none may outlive it:
 
 * a client that disconnects mid-transcription stops the decoding at the next window
   (BentoML's ``bentoml_service_request_total`` for the model service's ``/decode`` stops
   rising, and the API counts the request as 499);
 * SIGKILL of the model worker mid-request: outside a container BentoML's arbiter restarts it
-  and the service recovers; with ``BENTOML_CONTAINERIZED`` set (as in BentoML's images) it is
-  not restarted, and the health probes must then say so;
+  and the service recovers (in a container, tests/test_instances.py);
 * one failing item of a batch does not fail the others (in-process, ``decode_batch``);
 * through the app in-process (its counters exposed on ``/metrics`` as the service does): the
   request time limit, a failing item, a bug and an unavailable model service.
@@ -26,53 +24,47 @@ Figures (stop latency, recovery time, ...) are printed; run with ``-s`` to see t
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from support import (
-    ERROR_KEYS,
     EVAL_DIR,
-    BentoServer,
-    audio_leftovers,
-    descendants,
-    ffmpeg,
+    LONGFORM,
+    TRANSCRIBE,
+    Outcome,
+    assert_envelope,
+    decodes,
     http_request,
+    longform_mp3,
     metric,
+    model_workers,
     multipart,
-    serve_tiny,
+    outcome_of,
+    post_audio,
+    wait_for,
 )
 
 from bentowhisper.config import Settings, load_settings
 
 JFK = EVAL_DIR / "audio/en_misc/jfk.flac"
 LJ = EVAL_DIR / "audio/en_ljspeech/LJ001-0001.wav"
-LONGFORM = EVAL_DIR / "audio/longform/ljspeech_LJ001-0001_to_0016.flac"  # 16 clips, 106 s
-TRANSCRIBE = "/v1/audio/transcriptions"
 PROBE_S = 2.0
-WORKER = "_bentoml_impl.worker.service"
-MODEL_WORKER = "--service-name whisper-model"
 
-pytestmark = pytest.mark.skipif(not LONGFORM.exists(), reason=f"eval set not found at {EVAL_DIR}")
+pytestmark = pytest.mark.skipif(
+    not (EVAL_DIR / LONGFORM).exists(), reason=f"eval set not found at {EVAL_DIR}"
+)
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def decodes(url: str) -> float:
-    """Decode calls the model service has finished (any status)."""
-    return metric(url, "bentoml_service_request_total", endpoint="/decode")
 
 
 def probe(url: str, path: str) -> int | str:
@@ -81,74 +73,6 @@ def probe(url: str, path: str) -> int | str:
         return httpx.get(url + path, timeout=PROBE_S).status_code
     except httpx.HTTPError as exc:
         return type(exc).__name__
-
-
-def model_workers(server: BentoServer) -> list[int]:
-    """Pids of the model service's worker processes (the API worker is ``bentowhisper``)."""
-    return [
-        pid
-        for (pid, _), cmdline in descendants(server.proc.pid).items()
-        if WORKER in cmdline and MODEL_WORKER in cmdline
-    ]
-
-
-def wait_for(predicate, timeout_s: float, interval_s: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
-
-
-@dataclass
-class Outcome:
-    status: int | str  # an HTTP status, or the client error's name
-    body: dict | None  # the JSON body; for a stream its last event
-    seconds: float
-    events: list[dict] | None = None  # a stream's events
-    headers: httpx.Headers | None = None
-
-    @property
-    def failed_in_band(self) -> bool:
-        """A stream that answered 200 and then reported an error event."""
-        return self.events is not None and "error" in (self.body or {})
-
-
-def sse_events(text: str) -> list[dict]:
-    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
-
-
-def outcome_of(response: httpx.Response, started: float, stream: bool) -> Outcome:
-    seconds = time.monotonic() - started
-    if stream and response.status_code == 200:
-        events = sse_events(response.text)
-        return Outcome(200, events[-1] if events else None, seconds, events)
-    try:
-        body = response.json()
-    except ValueError:
-        body = {"raw": response.text[:300]}
-    return Outcome(response.status_code, body, seconds)
-
-
-def transcribe(url: str, audio: bytes, timeout_s: float, *, stream: bool = False) -> Outcome:
-    started = time.monotonic()
-    data = {"model": "whisper-1", **({"stream": "true"} if stream else {})}
-    try:
-        response = httpx.post(
-            url + TRANSCRIBE,
-            files={"file": ("speech.mp3", audio, "audio/mpeg")},
-            data=data,
-            timeout=timeout_s,
-        )
-    except httpx.HTTPError as exc:
-        return Outcome(type(exc).__name__, None, time.monotonic() - started)
-    return outcome_of(response, started, stream)
-
-
-def assert_envelope(outcome: Outcome) -> None:
-    assert isinstance(outcome.body, dict) and set(outcome.body) == {"error"}, outcome
-    assert set(outcome.body["error"]) == ERROR_KEYS, outcome
 
 
 def requests_by_status(url: str) -> dict[str, float]:
@@ -164,18 +88,9 @@ def requests_by_status(url: str) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def long_audio(tmp_path_factory) -> dict[str, bytes]:
-    """The longform eval clip (16 LJSpeech clips in a row) looped to 5 min, and its first 45 s,
-    as 32 kbit/s MP3 (1.2 MB and 0.2 MB)."""
-    five = ffmpeg(
-        "-stream_loop", "3", "-i", str(LONGFORM), "-t", "300", "-ac", "1", "-ar", "16000",
-        "-c:a", "libmp3lame", "-b:a", "32k", "-f", "mp3",
-    )  # fmt: skip
-    first = ffmpeg(
-        "-i", str(LONGFORM), "-t", "45", "-ac", "1", "-ar", "16000",
-        "-c:a", "libmp3lame", "-b:a", "32k", "-f", "mp3",
-    )  # fmt: skip
-    return {"5min": five, "45s": first}
+def long_audio() -> dict[str, bytes]:
+    """The longform eval clip looped to 5 min, and its first 45 s, as 32 kbit/s MP3."""
+    return {"5min": longform_mp3(300), "45s": longform_mp3(45)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +165,7 @@ def test_model_worker_killed_mid_request_is_restarted(tiny_server, long_audio):
     # with a 503, and a restarted worker loads its model first: allow for both.
     with ThreadPoolExecutor(max_workers=len(streams)) as pool:
         futures = [
-            pool.submit(transcribe, url, long_audio["45s"], 300.0, stream=stream)
+            pool.submit(post_audio, url, long_audio["45s"], 300.0, stream=stream)
             for stream in streams
         ]
         assert wait_for(lambda: decodes(url) >= before + 1, timeout_s=60), "no decoding"
@@ -286,7 +201,7 @@ def test_model_worker_killed_mid_request_is_restarted(tiny_server, long_audio):
 
     # Recovered: healthy, and a new request succeeds.
     assert wait_for(lambda: probe(url, "/readyz") == 200, 60)
-    after = transcribe(url, JFK.read_bytes(), 60.0)
+    after = post_audio(url, JFK.read_bytes(), 60.0)
     assert after.status == 200, after
     assert "ask not what your country" in after.body["text"].lower(), after
 
@@ -477,71 +392,6 @@ def test_model_failures_are_mapped_once(tiny_vocab, caplog, fault, stream):
     assert request_id, error
     logged = [r for r in caplog.records if request_id.group() in r.getMessage()]
     assert logged and logged[0].levelname == "ERROR" and logged[0].exc_info, caplog.text
-
-
-# --------------------------------------------------------------------------------------------
-# (b) continued: in a container nothing restarts the worker
-
-
-def test_model_worker_killed_in_a_container_fails_the_probes(
-    converted_models_dir, long_audio, tmp_path_factory
-):
-    """With ``BENTOML_CONTAINERIZED`` (set in BentoML's images) the arbiter does not restart
-    a dead worker: it stops the whole server instead. The health probes must then fail, so that
-    the orchestrator restarts the container.
-
-    In-flight requests get no answer here (the decode call waits on the service socket, where
-    no worker accepts any more) until the client gives up: accepted below as a client timeout
-    as well as a 5xx envelope, and reported as a bug to fix in service.py.
-    """
-    # a short temp path: BentoML puts the services' Unix sockets there (108-byte limit)
-    tmp = tmp_path_factory.mktemp("container")
-    server = serve_tiny(tmp, converted_models_dir, BENTOML_CONTAINERIZED="true")
-    try:
-        url = server.url
-        (victim,) = model_workers(server)
-        server.track()
-        before = decodes(url)
-        outcomes: list[Outcome] = []
-        requests = [
-            threading.Thread(target=lambda: outcomes.append(transcribe(url, long_audio["45s"], 20)))
-            for _ in range(2)
-        ]
-        for thread in requests:
-            thread.start()
-        assert wait_for(lambda: decodes(url) >= before + 1, timeout_s=60), "no decoding"
-        os.kill(victim, signal.SIGKILL)
-        killed_at = time.monotonic()
-
-        failed: dict[str, float] = {}
-        while time.monotonic() - killed_at < 45 and len(failed) < 2:
-            for path in ("/readyz", "/livez"):
-                if path not in failed and probe(url, path) != 200:
-                    failed[path] = time.monotonic() - killed_at
-            time.sleep(0.5)
-        for thread in requests:
-            thread.join(timeout=60)
-        respawned = model_workers(server)
-        print(
-            f"\n[container kill] probes failed after: "
-            f"{ {path: round(s, 1) for path, s in failed.items()} }; in-flight requests: "
-            f"{[(o.status, round(o.seconds, 1)) for o in outcomes]}; respawned: {respawned}"
-        )
-
-        assert not respawned, "restarted in a container?"
-        assert set(failed) == {"/readyz", "/livez"}, failed
-        assert len(outcomes) == 2
-        for outcome in outcomes:
-            assert outcome.status != 200, outcome
-            if isinstance(outcome.status, int):
-                assert 500 <= outcome.status < 600, outcome
-                assert_envelope(outcome)
-            else:
-                assert outcome.status == "ReadTimeout", outcome
-    finally:
-        shutdown = server.stop()
-    assert not shutdown.leftovers, shutdown
-    assert not audio_leftovers(server)
 
 
 def test_a_stream_cancelled_with_its_response_stops_cleanly(tiny_vocab):

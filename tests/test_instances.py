@@ -1,10 +1,15 @@
 """Two servers on one machine, started with ``bentowhisper serve`` as a user starts them.
 
 From the moment the first is started a probe asks ``/readyz`` every 0.2 s, and keeps asking
-while both are stopped with SIGTERM: no probe may wait more than 2 s, the answers go from
+while it is stopped with SIGTERM: no probe may wait more than 2 s, the answers go from
 "nothing listening" / 503 to 200, and the log says when it is ready. Each server's ``/metrics``
 counts only its own requests; each request is logged once, and the internal ``/decode`` calls
 only where ``BENTOWHISPER_LOG_DECODE_REQUESTS`` turns them on.
+
+The second runs as in BentoML's images (``BENTOML_CONTAINERIZED``), where a dead worker is not
+restarted: its model worker is killed mid-request last, and its health probes must then fail
+so that the orchestrator restarts the container. (Outside a container the arbiter restarts the
+worker: tests/test_faults.py.)
 """
 
 from __future__ import annotations
@@ -22,7 +27,20 @@ from pathlib import Path
 
 import openai
 import pytest
-from support import EVAL_DIR, BentoServer, free_port, metric
+from support import (
+    EVAL_DIR,
+    BentoServer,
+    Outcome,
+    assert_envelope,
+    audio_leftovers,
+    decodes,
+    free_port,
+    longform_mp3,
+    metric,
+    model_workers,
+    post_audio,
+    wait_for,
+)
 
 from bentowhisper.launcher import probe, wait_ready
 
@@ -79,15 +97,25 @@ def start(tmp: Path, env: dict[str, str]) -> BentoServer:
 
 @pytest.fixture(scope="module")
 def servers(converted_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """(first, its prober, second): the second logs its decode calls."""
+    """(first, its prober, second): the second logs its decode calls, and runs as in a
+    container with a ``TMPDIR`` of its own (see :func:`support.audio_leftovers`)."""
     env = {
         "BENTOWHISPER_MODELS_DIR": str(converted_models_dir),
         "BENTOWHISPER_DIARIZATION": "false",
     }
     first = start(tmp_path_factory.mktemp("first"), env)
     prober = Prober(first.url)
+    # a short temp path: BentoML puts the services' Unix sockets there (108-byte limit)
+    tmp = tmp_path_factory.mktemp("second")
+    (tmp / "tmp").mkdir()
     second = start(
-        tmp_path_factory.mktemp("second"), {**env, "BENTOWHISPER_LOG_DECODE_REQUESTS": "true"}
+        tmp,
+        {
+            **env,
+            "BENTOWHISPER_LOG_DECODE_REQUESTS": "true",
+            "BENTOML_CONTAINERIZED": "true",
+            "TMPDIR": str(tmp / "tmp"),
+        },
     )
     try:
         for server in (first, second):
@@ -160,16 +188,66 @@ def test_one_log_line_per_request(servers) -> None:
 
 
 def test_sigterm_stops_cleanly_with_probes_in_flight(servers) -> None:
-    first, prober, second = servers
-    for server in (first, second):
-        server.track()
-        sent = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
-        server.proc.wait(timeout=STOP_GRACE_S)
-        assert time.monotonic() - sent < STOP_GRACE_S
-    shutdowns = [server.stop() for server in (first, second)]  # left-over workers
-    assert all(shutdown.graceful for shutdown in shutdowns), shutdowns
+    first, prober, _ = servers
+    first.track()
+    sent = time.monotonic()
+    first.proc.send_signal(signal.SIGTERM)
+    first.proc.wait(timeout=STOP_GRACE_S)
+    assert time.monotonic() - sent < STOP_GRACE_S
+    shutdown = first.stop()  # left-over workers
+    assert shutdown.graceful, shutdown
     assert max(took for _, _, took in prober.probes) <= PROBE_LIMIT_S
+
+
+def test_model_worker_killed_in_a_container_fails_the_probes(servers) -> None:
+    """In-flight requests get no answer here (the decode call waits on the service socket,
+    where no worker accepts any more) until the client gives up: accepted below as a client
+    timeout as well as a 5xx envelope."""
+    _, _, server = servers
+    url = server.url
+    (victim,) = model_workers(server)
+    server.track()
+    audio = longform_mp3(45)
+    before = decodes(url)
+    outcomes: list[Outcome] = []
+    requests = [
+        threading.Thread(target=lambda: outcomes.append(post_audio(url, audio, 20)))
+        for _ in range(2)
+    ]
+    for thread in requests:
+        thread.start()
+    assert wait_for(lambda: decodes(url) >= before + 1, timeout_s=60), "no decoding"
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    failed: dict[str, float] = {}
+    while time.monotonic() - killed_at < 45 and len(failed) < 2:
+        for path in ("/readyz", "/livez"):
+            if path not in failed and probe(url + path, timeout_s=PROBE_LIMIT_S) != 200:
+                failed[path] = time.monotonic() - killed_at
+        time.sleep(0.5)
+    for thread in requests:
+        thread.join(timeout=60)
+    respawned = model_workers(server)
+    print(
+        f"\n[container kill] probes failed after: "
+        f"{ {path: round(s, 1) for path, s in failed.items()} }; in-flight requests: "
+        f"{[(o.status, round(o.seconds, 1)) for o in outcomes]}; respawned: {respawned}"
+    )
+
+    assert not respawned, "restarted in a container?"
+    assert set(failed) == {"/readyz", "/livez"}, failed
+    assert len(outcomes) == 2
+    for outcome in outcomes:
+        assert outcome.status != 200, outcome
+        if isinstance(outcome.status, int):
+            assert 500 <= outcome.status < 600, outcome
+            assert_envelope(outcome)
+        else:
+            assert outcome.status == "ReadTimeout", outcome
+    shutdown = server.stop()
+    assert not shutdown.leftovers, shutdown
+    assert not audio_leftovers(server)
 
 
 @pytest.mark.parametrize(
