@@ -1,15 +1,19 @@
-"""A one-minute soak in CI (the 10-minute one is ``benchmarks/soak.py``, figures in
+"""A 30-second soak in CI (the 10-minute one is ``benchmarks/soak.py``, figures in
 docs/reliability.md): 64 clients against the suite's tiny.en server, every request answered.
-tiny.en makes more requests in the minute than base would, which is what a per-request leak
-shows with."""
+
+Memory growth is not asserted here. The leak it once found (BentoML's timeout timer kept every
+answered request, about 1.9 MB/s at 80 requests/s) would grow the API worker by about 7 % over
+this run's measured span, within the noise of a loaded 2-core machine (7.8 % measured with the
+fix over 30 s); ``tests/test_bentoml_timeout.py`` checks that fix directly, and fails against
+the unpatched middleware. The 10-minute soak measures growth."""
 
 from __future__ import annotations
 
 from soak import soak  # benchmarks/ is on pytest's pythonpath
 
 
-def test_64_clients_for_a_minute_lose_nothing(tiny_server) -> None:
-    report = soak(tiny_server.base_url, tiny_server.proc.pid, clients=64, duration_s=60.0)
+def test_64_clients_for_30_s_lose_nothing(tiny_server) -> None:
+    report = soak(tiny_server.base_url, tiny_server.proc.pid, clients=64, duration_s=30.0)
     print({k: v for k, v in report.items() if k != "rss_samples"})
 
     assert report["requests"] >= 64
@@ -19,7 +23,3 @@ def test_64_clients_for_a_minute_lose_nothing(tiny_server) -> None:
     # both services measured, each holding at least an interpreter with its libraries
     assert {"bentowhisper", "whisper-model"} <= set(report["rss_by_process"]), report
     assert report["rss_peak_mb"] >= 2 * 50, report["rss_peak_mb"]
-    # BentoML's unpatched timeout timer kept every request for 600 s: the API worker then grew
-    # 17 % from 16 s to 64 s (docs/results/soak-base-64x240s-before-fix.json); fixed, 2-5 %
-    api_worker = report["rss_by_process"]["bentowhisper"]
-    assert api_worker["growth"] < 0.10, api_worker

@@ -120,19 +120,28 @@ def base(converted_models_dir) -> WhisperBundle:
     return load_profile_model(converted_models_dir, "base")
 
 
-@pytest.fixture(scope="module")
-def base_fp32(converted_models_dir, base) -> WhisperBundle:
-    """base in fp32: where batched and sliced decoding give exactly the tokens of one call.
+def in_fp32(profile_model: WhisperBundle) -> WhisperBundle:
+    """The model in fp32: where batched and sliced decoding give exactly the tokens of one call.
     In bf16 a batch's other rows or a slice's re-read tokens change the rounding, and a close
     call can go the other way (as with fp16 on GPUs); those runs are held to accuracy instead."""
-    if base.dtype == torch.float32:
-        return base  # the profile's dtype on a CPU without bf16 (load_profile_model: no int8)
+    if profile_model.dtype == torch.float32:
+        return profile_model  # the profile's dtype on a CPU without bf16 (and never int8 here)
     return load_whisper(
-        str(converted_models_dir / "base"),
+        profile_model.checkpoint,
         device="cpu",
         dtype="float32",
         attn_implementation=PROFILE.attn_implementation,
     )
+
+
+@pytest.fixture(scope="module")
+def base_fp32(base) -> WhisperBundle:
+    return in_fp32(base)
+
+
+@pytest.fixture(scope="module")
+def tiny_en_fp32(tiny_en) -> WhisperBundle:
+    return in_fp32(tiny_en)
 
 
 @pytest.fixture(scope="module")
@@ -585,11 +594,11 @@ def test_prefix_encoder_is_the_encoder_on_a_whole_window(base_fp32):
     assert not torch.allclose(short, full[:, :600], atol=1e-2)  # attention saw less context
 
 
-def test_short_encodings_decode_jfk_and_batch_with_whole_windows(base_fp32):
+def test_short_encodings_decode_jfk_and_batch_with_whole_windows(tiny_en_fp32):
     """A job encoding only its first frames (11 s of jfk in 1200 frames) decodes the clip's text;
     in one call with whole-window jobs each comes back as it does alone (fp32: bf16 is not
     batch-invariant)."""
-    vocab, features = base_fp32.vocab, LogMel.from_checkpoint(base_fp32.checkpoint)
+    vocab, features = tiny_en_fp32.vocab, LogMel.from_checkpoint(tiny_en_fp32.checkpoint)
     audio = load_audio(JFK)
     mel, frames = features(audio), len(audio) // HOP_LENGTH
 
@@ -599,8 +608,8 @@ def test_short_encodings_decode_jfk_and_batch_with_whole_windows(base_fp32):
         )
 
     whole, short, longer = job(None), job(1200), job(1500)
-    alone = [decode_batch(base_fp32, [one])[0] for one in (whole, short, longer)]
-    together = decode_batch(base_fp32, [short, whole, longer, short])
+    alone = [decode_batch(tiny_en_fp32, [one])[0] for one in (whole, short, longer)]
+    together = decode_batch(tiny_en_fp32, [short, whole, longer, short])
     assert [r.tokens for r in together] == [
         alone[1].tokens,
         alone[0].tokens,
