@@ -1,4 +1,5 @@
-"""Chunked transcription (server/chunked.py, ``chunking_strategy``) on the real base model.
+"""Chunked transcription (server/chunked.py, ``chunking_strategy``) on the real embedded models
+(tiny.en, and base for the long file, whose language probe needs a multilingual model).
 
 The engine is driven in-process as in test_transcribe.py (its batcher shares decode calls
 between the chunks in flight, as the service's adaptive batching does); noise is generated here
@@ -208,7 +209,14 @@ def test_bad_chunking_strategy_is_a_400_with_param(items) -> None:
 
 @pytest.fixture(scope="module")
 def base(converted_models_dir) -> WhisperBundle:
+    """For the long file: its language probe needs a multilingual model."""
     return load_profile_model(converted_models_dir, "base")
+
+
+@pytest.fixture(scope="module")
+def tiny_en(converted_models_dir) -> WhisperBundle:
+    """For the rest: what reaches the model is the VAD's, and tiny.en costs a fifth of base."""
+    return load_profile_model(converted_models_dir, "tiny.en")
 
 
 class Recorder:
@@ -269,8 +277,8 @@ NOISE_ONLY = {
 
 
 @pytest.fixture(scope="module")
-def noisy_runs(base) -> dict[str, Transcription]:
-    return {name: chunked(base, make())[0] for name, make in NOISY.items()}
+def noisy_runs(tiny_en) -> dict[str, Transcription]:
+    return {name: chunked(tiny_en, make())[0] for name, make in NOISY.items()}
 
 
 @pytest.mark.parametrize("name", sorted(NOISY))
@@ -284,8 +292,8 @@ def test_no_words_from_noise_after_speech(noisy_runs, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(NOISE_ONLY))
-def test_noise_alone_is_never_decoded(base, name: str) -> None:
-    result, recorder = chunked(base, NOISE_ONLY[name]())
+def test_noise_alone_is_never_decoded(tiny_en, name: str) -> None:
+    result, recorder = chunked(tiny_en, NOISE_ONLY[name]())
     assert result.text == "" and result.segments == []
     assert recorder.calls == []
 
@@ -301,9 +309,9 @@ def gapped() -> tuple[np.ndarray, dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def gapped_run(base, gapped) -> tuple[Transcription, Recorder]:
+def gapped_run(tiny_en, gapped) -> tuple[Transcription, Recorder]:
     audio, _ = gapped
-    return chunked(base, audio, word_timestamps=True, prompt="Printing. Americans.")
+    return chunked(tiny_en, audio, word_timestamps=True, prompt="Printing. Americans.")
 
 
 def inside(time: float, regions: list[tuple[int, int]]) -> bool:
@@ -347,9 +355,9 @@ def test_times_of_a_chunked_file_match_the_audio(gapped, gapped_run) -> None:
     assert result.duration == pytest.approx(len(audio) / SAMPLE_RATE)
 
 
-def test_every_chunk_is_conditioned_on_the_prompt(base, gapped_run) -> None:
+def test_every_chunk_is_conditioned_on_the_prompt(tiny_en, gapped_run) -> None:
     _, recorder = gapped_run
-    prompt = base.vocab.encode(" Printing. Americans.")
+    prompt = tiny_en.vocab.encode(" Printing. Americans.")
     jobs = [job for call in recorder.calls for job in call]
     assert len(jobs) >= 2 and all(job.prompt[: len(prompt)] == prompt for job in jobs)
 
@@ -409,15 +417,15 @@ def test_long_file_chunks_are_decoded_together(longform_run) -> None:
     assert set(steps) == {32}, steps
 
 
-def test_a_closed_stream_stops_decoding(base) -> None:
+def test_a_closed_stream_stops_decoding(tiny_en) -> None:
     """A client that leaves after the first segment: no further decode call is made."""
-    recorder = Recorder(base)
+    recorder = Recorder(tiny_en)
     audio = load_audio(LONGFORM)
 
     async def main() -> tuple[int, int]:
-        features = LogMel.from_checkpoint(base.checkpoint)
+        features = LogMel.from_checkpoint(tiny_en.checkpoint)
         segments = chunked_events(
-            audio, AUTO, TranscribeOptions(slice_tokens=32), recorder, base.vocab, features, 2
+            audio, AUTO, TranscribeOptions(slice_tokens=32), recorder, tiny_en.vocab, features, 2
         )
         await anext(segments)
         await segments.aclose()  # what StreamingResponse does when the client goes
@@ -430,9 +438,9 @@ def test_a_closed_stream_stops_decoding(base) -> None:
     assert recorder.in_flight == 0
 
 
-def test_quiet_speech_is_found_with_auto_and_missed_without(base) -> None:
+def test_quiet_speech_is_found_with_auto_and_missed_without(tiny_en) -> None:
     quiet = scaled(load_audio(JFK), -70)  # below what Silero hears as is
-    auto, _ = chunked(base, quiet)
+    auto, _ = chunked(tiny_en, quiet)
     assert jiwer.wer(english(JFK_TEXT), english(auto.text)) <= 0.1, auto.text
-    strict, _ = chunked(base, quiet, Chunking(VadParams(), normalize=False))
+    strict, _ = chunked(tiny_en, quiet, Chunking(VadParams(), normalize=False))
     assert len(words(strict.text)) < len(words(auto.text))

@@ -475,11 +475,11 @@ def test_one_batch_decodes_like_separate_calls(base_fp32):
 
 
 def test_sliced_decoding_resumes_to_the_same_tokens(base_fp32):
-    """A window decoded a few tokens per call, resumed from its tokens so far (its first two
-    slices in a batch with an unsliced neighbour), ends with the tokens, log-probability and
-    word times of one call (in fp32). A resumed slice carries no features: with the encoder
-    output cached it is decoded from the cache; without, it comes back ``evicted`` and is
-    resent with them."""
+    """A window decoded a few tokens per call, resumed from its tokens so far (with the cache,
+    its first two slices in a batch with an unsliced neighbour), ends with the tokens,
+    log-probability and word times of one call (in fp32). A resumed slice carries no features:
+    with the encoder output cached it is decoded from the cache; without, it comes back
+    ``evicted`` and is resent with them."""
     base = base_fp32
     steps = 32  # slice_tokens' default
     features = LogMel.from_checkpoint(base.checkpoint)
@@ -498,7 +498,8 @@ def test_sliced_decoding_resumes_to_the_same_tokens(base_fp32):
         job, calls, evicted, cached = sliced, 0, 0, []
         while True:
             # the neighbour's whole window is most of a call's time: only in the first two
-            with_neighbour = calls < 2
+            # calls, and only with the cache (without, each slice is encoded again anyway)
+            with_neighbour = calls < 2 and cache is not None
             result, *other = decode_batch(base, [job, neighbour][: 1 + with_neighbour], cache)
             assert result.error is None and all(o.error is None for o in other)
             assert all(o.done for o in other)  # the unsliced neighbour finishes in its call
