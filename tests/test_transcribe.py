@@ -475,11 +475,11 @@ def test_one_batch_decodes_like_separate_calls(base_fp32):
 
 
 def test_sliced_decoding_resumes_to_the_same_tokens(base_fp32):
-    """A window decoded a few tokens per call, resumed from its tokens so far (with the cache,
-    its first two slices in a batch with an unsliced neighbour), ends with the tokens,
-    log-probability and word times of one call (in fp32). A resumed slice carries no features:
-    with the encoder output cached it is decoded from the cache; without, it comes back
-    ``evicted`` and is resent with them."""
+    """A window decoded a few tokens per call, resumed from its tokens so far (its first two
+    slices in a batch with an unsliced neighbour), ends with the tokens, log-probability and
+    word times of one call (in fp32). A resumed slice carries no features: it is decoded from
+    the cached encoder output; without it, it comes back ``evicted`` (resent with its features
+    by the long-form loop: test_evicted_slices_are_resent_with_their_features)."""
     base = base_fp32
     steps = 32  # slice_tokens' default
     features = LogMel.from_checkpoint(base.checkpoint)
@@ -494,38 +494,34 @@ def test_sliced_decoding_resumes_to_the_same_tokens(base_fp32):
     (whole,) = decode_batch(base, [unsliced])
     assert whole.done and len(whole.tokens) > 60
 
-    for cache in (EncoderCache(capacity=4), None):
-        job, calls, evicted, cached = sliced, 0, 0, []
-        while True:
-            # the neighbour's whole window is most of a call's time: only in the first two
-            # calls, and only with the cache (without, each slice is encoded again anyway)
-            with_neighbour = calls < 2 and cache is not None
-            result, *other = decode_batch(base, [job, neighbour][: 1 + with_neighbour], cache)
-            assert result.error is None and all(o.error is None for o in other)
-            assert all(o.done for o in other)  # the unsliced neighbour finishes in its call
-            if result.evicted:  # only without a cache, and only for a slice without features
-                assert cache is None and job.features is None
-                assert result.tokens == [] and not result.done
-                evicted += 1
-                job = job.with_features_of(sliced)
-                continue
-            calls += 1
-            cached.append(len(cache) if cache is not None else 0)
-            if result.done:
-                break
-            assert len(result.tokens) == steps * calls
-            assert result.tokens == whole.tokens[: len(result.tokens)]
-            job = job.resumed(result)
-            assert job.features is None and job.resume == result.tokens
-        assert calls == -(-(len(whole.tokens) + 1) // steps)  # ceil: the last call samples eot
-        assert evicted == (0 if cache is not None else calls - 1)
-        assert result.tokens == whole.tokens
-        assert result.language == whole.language == "en"
-        assert result.avg_logprob == pytest.approx(whole.avg_logprob, abs=1e-4)
-        assert result.no_speech_prob == pytest.approx(whole.no_speech_prob, abs=1e-4)
-        assert np.allclose(result.token_times, whole.token_times, atol=0.021)
-        if cache is not None:  # kept between slices, dropped once the window is done
-            assert cached[:-1] == [1] * (calls - 1) and cached[-1] == 0
+    cache = EncoderCache(capacity=4)
+    job, calls, cached = sliced, 0, []
+    while True:
+        # the neighbour's whole window is most of a call's time: only in the first two
+        with_neighbour = calls < 2
+        result, *other = decode_batch(base, [job, neighbour][: 1 + with_neighbour], cache)
+        assert result.error is None and all(o.error is None for o in other)
+        assert all(o.done for o in other)  # the unsliced neighbour finishes in its call
+        assert not result.evicted
+        calls += 1
+        cached.append(len(cache))
+        if result.done:
+            break
+        assert len(result.tokens) == steps * calls
+        assert result.tokens == whole.tokens[: len(result.tokens)]
+        job = job.resumed(result)
+        assert job.features is None and job.resume == result.tokens
+        if calls == 1:  # a model service without the window's encoder output
+            (lost,) = decode_batch(base, [job], EncoderCache(capacity=4))
+            assert lost.evicted and lost.tokens == [] and not lost.done and lost.error is None
+    assert calls == -(-(len(whole.tokens) + 1) // steps)  # ceil: the last call samples eot
+    assert result.tokens == whole.tokens
+    assert result.language == whole.language == "en"
+    assert result.avg_logprob == pytest.approx(whole.avg_logprob, abs=1e-4)
+    assert result.no_speech_prob == pytest.approx(whole.no_speech_prob, abs=1e-4)
+    assert np.allclose(result.token_times, whole.token_times, atol=0.021)
+    # kept between slices, dropped once the window is done
+    assert cached[:-1] == [1] * (calls - 1) and cached[-1] == 0
 
 
 def test_a_window_ends_where_the_decoder_context_ends(base):
