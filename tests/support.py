@@ -35,6 +35,7 @@ from bentowhisper.launcher import (  # noqa: F401 - the tests' server harness, r
     start_server,
 )
 from bentowhisper.server.audio import SAMPLE_RATE, decode_audio
+from bentowhisper.server.instance import WORKER_MODULE
 
 try:  # openai >= 3 talks through the httpx2 fork; any httpx-like client does for probes
     import httpx
@@ -140,7 +141,6 @@ def metric(url: str, name: str, **labels: str) -> float:
 # a served transcription as its client meets it, and the model service's workers (faults)
 
 TRANSCRIBE = "/v1/audio/transcriptions"
-WORKER = "_bentoml_impl.worker.service"
 MODEL_WORKER = "--service-name whisper-model"
 
 
@@ -163,7 +163,7 @@ def model_workers(server: BentoServer) -> list[int]:
     return [
         pid
         for (pid, _), cmdline in descendants(server.proc.pid).items()
-        if WORKER in cmdline and MODEL_WORKER in cmdline
+        if WORKER_MODULE in cmdline and MODEL_WORKER in cmdline
     ]
 
 

@@ -62,6 +62,17 @@ def bundles(converted_models_dir: Path) -> dict[str, WhisperBundle]:
     }
 
 
+@pytest.fixture(scope="module")
+def tokenizers(converted_models_dir: Path) -> dict:
+    """transformers' tokenizer of each converted model, as a user of the checkpoint loads it."""
+    from transformers import WhisperTokenizerFast
+
+    return {
+        name: WhisperTokenizerFast.from_pretrained(str(converted_models_dir / name))
+        for name in EMBEDDED
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # the model.bin reader, on a synthetic file covering every dtype
 
@@ -323,10 +334,10 @@ def test_generation_config_multilingual(converted_models_dir: Path) -> None:
 # tokenizers
 
 
-def test_base_tokenizer_restores_the_lost_merge(bundles: dict[str, WhisperBundle]) -> None:
+def test_base_tokenizer_restores_the_lost_merge(tokenizers: dict) -> None:
     from tokenizers import Tokenizer
 
-    tokenizer = bundles["base"].tokenizer
+    tokenizer = tokenizers["base"]
     assert tokenizer.encode(" the", add_special_tokens=False) == [264]
     # Ids the base model itself emits for the JFK clip (greedy), i.e. OpenAI's encoding.
     assert tokenizer.encode(" And so my fellow Americans,", add_special_tokens=False) == [
@@ -342,8 +353,8 @@ def test_base_tokenizer_restores_the_lost_merge(bundles: dict[str, WhisperBundle
     assert raw.encode(" the", add_special_tokens=False).ids != [264]
 
 
-def test_tiny_en_tokenizer_ids(bundles: dict[str, WhisperBundle]) -> None:
-    tokenizer = bundles["tiny.en"].tokenizer
+def test_tiny_en_tokenizer_ids(tokenizers: dict) -> None:
+    tokenizer = tokenizers["tiny.en"]
     assert tokenizer.encode(" the", add_special_tokens=False) == [262]
     assert tokenizer.encode(" And so my fellow Americans", add_special_tokens=False) == [
         843,
@@ -355,8 +366,10 @@ def test_tiny_en_tokenizer_ids(bundles: dict[str, WhisperBundle]) -> None:
 
 
 @pytest.mark.parametrize("name", ["tiny.en", "base"])
-def test_timestamp_and_special_tokens(bundles: dict[str, WhisperBundle], name: str) -> None:
-    tokenizer = bundles[name].tokenizer
+def test_timestamp_and_special_tokens(
+    bundles: dict[str, WhisperBundle], tokenizers: dict, name: str
+) -> None:
+    tokenizer = tokenizers[name]
     vocab_size = bundles[name].model.config.vocab_size
     assert len(tokenizer) == vocab_size
     ids = tokenizer.convert_tokens_to_ids
@@ -389,8 +402,10 @@ def test_timestamp_and_special_tokens(bundles: dict[str, WhisperBundle], name: s
 
 @pytest.mark.skipif(not JFK.exists(), reason=f"eval audio not found at {EVAL_DIR}")
 @pytest.mark.parametrize("name", ["tiny.en", "base"])
-def test_transcribes_jfk_word_for_word(bundles: dict[str, WhisperBundle], name: str) -> None:
-    bundle = bundles[name]
+def test_transcribes_jfk_word_for_word(
+    bundles: dict[str, WhisperBundle], tokenizers: dict, name: str
+) -> None:
+    bundle, tokenizer = bundles[name], tokenizers[name]
     assert not bundle.model.training
     assert bundle.device == torch.device("cpu") and bundle.dtype == torch.float32
     features = bundle.feature_extractor(
@@ -399,9 +414,9 @@ def test_transcribes_jfk_word_for_word(bundles: dict[str, WhisperBundle], name: 
     with torch.inference_mode():
         if bundle.model.generation_config.is_multilingual:
             language = bundle.model.detect_language(features)
-            assert bundle.tokenizer.convert_ids_to_tokens(language.tolist()) == ["<|en|>"]
+            assert tokenizer.convert_ids_to_tokens(language.tolist()) == ["<|en|>"]
         tokens = bundle.model.generate(features, num_beams=1)
-    text = bundle.tokenizer.decode(tokens[0], skip_special_tokens=True)
+    text = tokenizer.decode(tokens[0], skip_special_tokens=True)
     assert normalise(text) == normalise(JFK_TEXT), text
 
 

@@ -32,7 +32,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from support import (
@@ -53,6 +52,7 @@ from support import (
 )
 
 from bentowhisper.config import Settings, load_settings
+from bentowhisper.launcher import probe
 
 JFK = EVAL_DIR / "audio/en_misc/jfk.flac"
 LJ = EVAL_DIR / "audio/en_ljspeech/LJ001-0001.wav"
@@ -65,14 +65,6 @@ pytestmark = pytest.mark.skipif(
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def probe(url: str, path: str) -> int | str:
-    """The status of a GET with a short timeout, or the error's name."""
-    try:
-        return httpx.get(url + path, timeout=PROBE_S).status_code
-    except httpx.HTTPError as exc:
-        return type(exc).__name__
 
 
 def requests_by_status(url: str) -> dict[str, float]:
@@ -143,7 +135,7 @@ def test_client_disconnect_stops_decoding(tiny_server, long_audio, stream):
     assert wait_for(
         lambda: metric(url, "bentowhisper_requests_total", status="499") == closed_before + 1, 5
     ), "the request was not counted as closed by the client (499)"
-    assert probe(url, "/readyz") == 200
+    assert probe(url + "/readyz", timeout_s=PROBE_S) == 200
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +192,7 @@ def test_model_worker_killed_mid_request_is_restarted(tiny_server, long_audio):
     assert delta["500"] + delta["503"] + delta["504"] == len(outcomes) - succeeded, delta
 
     # Recovered: healthy, and a new request succeeds.
-    assert wait_for(lambda: probe(url, "/readyz") == 200, 60)
+    assert wait_for(lambda: probe(url + "/readyz", timeout_s=PROBE_S) == 200, 60)
     after = post_audio(url, JFK.read_bytes(), 60.0)
     assert after.status == 200, after
     assert "ask not what your country" in after.body["text"].lower(), after

@@ -13,7 +13,6 @@ if TYPE_CHECKING:
     from transformers import (
         WhisperFeatureExtractor,
         WhisperForConditionalGeneration,
-        WhisperTokenizerFast,
     )
 
     from ..config import Settings
@@ -86,7 +85,6 @@ class WhisperBundle:
     """A loaded Whisper checkpoint: everything decoding needs."""
 
     model: WhisperForConditionalGeneration  # in eval mode, on ``device`` in ``dtype``
-    tokenizer: WhisperTokenizerFast
     feature_extractor: WhisperFeatureExtractor
     device: torch.device
     dtype: torch.dtype
@@ -111,7 +109,7 @@ def load_whisper(
     quantization: str = "none",
     name: str | None = None,
 ) -> WhisperBundle:
-    """Load model, tokenizer and feature extractor of a checkpoint (a directory or a hub id).
+    """Load model and feature extractor of a checkpoint (a directory or a hub id).
 
     The model is in eval mode with gradients off for its parameters; wrap calls in
     ``torch.inference_mode()``.
@@ -119,7 +117,6 @@ def load_whisper(
     from transformers import (
         WhisperFeatureExtractor,
         WhisperForConditionalGeneration,
-        WhisperTokenizerFast,
     )
 
     from . import attention  # noqa: F401 - registers the "hybrid" attention implementation
@@ -141,7 +138,6 @@ def load_whisper(
         _quantize_int8(model, parts)
     return WhisperBundle(
         model=model,
-        tokenizer=WhisperTokenizerFast.from_pretrained(checkpoint),
         feature_extractor=WhisperFeatureExtractor.from_pretrained(checkpoint),
         device=torch_device,
         dtype=torch_dtype,
