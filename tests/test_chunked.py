@@ -41,6 +41,7 @@ from bentowhisper.server.chunked import (
     Chunk,
     Chunking,
     Lanes,
+    Rounds,
     chunked_events,
     pack_chunks,
     resolve_chunking,
@@ -51,6 +52,7 @@ from bentowhisper.server.longform import (
     WINDOW_SAMPLES,
     TranscribeOptions,
     TranscriptionDone,
+    transcribe,
 )
 from bentowhisper.server.protocol import (
     BadRequest,
@@ -61,6 +63,7 @@ from bentowhisper.server.protocol import (
 from bentowhisper.server.vad import FRAME, SpeechRegions, VadParams, detect_speech
 from bentowhisper.server.vad import normalize_loudness as normalized
 from bentowhisper.transcript import Segment, Transcription
+from bentowhisper.vocabulary import load_vocabulary
 from bentowhisper.wire import DecodeJob, DecodeResult
 
 AUTO = Chunking(VadParams(), normalize=True)
@@ -110,30 +113,112 @@ def test_chunk_times_map_back_to_the_original() -> None:
 
 
 def test_lanes_hold_a_long_files_extra_chunks_while_others_decode() -> None:
-    """A long file's first unfinished chunk goes on; its other chunks wait at their next call
-    while another request's call is in flight, and go on once it is answered."""
+    """A long file's first unfinished chunk goes on; its other chunks wait while another
+    request's call is in flight, and go on once it is answered."""
 
     async def main() -> list[str]:
-        lanes, calls, answer = Lanes(), [], asyncio.Event()
+        lanes, events, answer = Lanes(), [], asyncio.Event()
 
         async def model(jobs: list) -> list:
-            calls.append(jobs[0])
-            if jobs[0] == "short":
-                await answer.wait()
+            events.append(jobs[0])
+            await answer.wait()
             return jobs
+
+        async def chunk(name: str, lead: bool) -> None:
+            held = lanes.held(lambda: lead)
+            await lanes.until_free(lambda: lead)
+            events.append(f"{name}{' after waiting' if held else ''}")
 
         short = asyncio.ensure_future(lanes.first(model)(["short"]))
         await asyncio.sleep(0)
-        lead = asyncio.ensure_future(lanes.behind(model, lambda: True)(["lead"]))
-        extra = asyncio.ensure_future(lanes.behind(model, lambda: False)(["extra"]))
+        chunks = [asyncio.ensure_future(chunk(n, n == "lead")) for n in ("lead", "extra")]
         await asyncio.sleep(0.05)
-        held = list(calls)
         answer.set()
-        await asyncio.gather(short, lead, extra)
-        alone = await lanes.behind(model, lambda: False)(["alone"])  # nobody else: no wait
-        return [*held, "|", *calls[len(held) :], *alone]
+        await asyncio.gather(short, *chunks)
+        assert not lanes.held(lambda: False)  # nobody else: no wait
+        return events
 
-    assert asyncio.run(main()) == ["short", "lead", "|", "extra", "alone", "alone"]
+    assert asyncio.run(main()) == ["short", "lead", "extra after waiting"]
+
+
+def test_rounds_send_the_chunks_calls_as_one() -> None:
+    """Each round goes once every running chunk has called; one that leaves (done, or held
+    by the lanes) lets the others go; callers that are all gone cancel their round."""
+
+    async def main() -> tuple[list[list[str]], bool]:
+        sent: list[list[str]] = []
+        stuck = asyncio.Event()
+
+        async def model(jobs: list) -> list:
+            sent.append(list(jobs))
+            if "stuck" in jobs:
+                await stuck.wait()
+            return [f"{job}!" for job in jobs]
+
+        rounds = Rounds(model)
+        for _ in range(3):
+            rounds.join()
+        a = asyncio.ensure_future(rounds.call(["a"]))
+        b = asyncio.ensure_future(rounds.call(["b1", "b2"]))
+        await asyncio.sleep(0.01)
+        assert sent == []  # the third chunk has not called yet
+        c = asyncio.ensure_future(rounds.call(["c"]))
+        assert await asyncio.gather(a, b, c) == [["a!"], ["b1!", "b2!"], ["c!"]]
+        a = asyncio.ensure_future(rounds.call(["a"]))
+        await asyncio.sleep(0.01)
+        rounds.leave()  # b's chunk ended
+        rounds.leave()  # c's chunk waits elsewhere
+        assert await a == ["a!"]
+        waiter = asyncio.ensure_future(rounds.call(["stuck"]))
+        await asyncio.sleep(0.01)
+        (send,) = rounds._sends
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        await asyncio.sleep(0)
+        return sent, send.cancelled()
+
+    sent, cancelled = asyncio.run(main())
+    assert sent == [["a", "b1", "b2", "c"], ["a"], ["stuck"]]
+    assert cancelled
+
+
+def test_a_tail_under_a_second_is_not_decoded(converted_models_dir) -> None:
+    """A window the model leaves open 0.5 s before the end of the audio: the sequential loop
+    decodes the 0.5 s again, with ``min_tail_s`` (what chunks get) it stops there."""
+    vocab = load_vocabulary(converted_models_dir / "tiny.en")
+    text = vocab.encode(" Hello there.")
+    open_at = vocab.timestamp_begin + round(14.0 / vocab.time_precision)
+    audio = np.full(int(14.5 * SAMPLE_RATE), 0.1, np.float32)
+
+    def run(min_tail_s: float) -> tuple[list[DecodeJob], Transcription]:
+        jobs: list[DecodeJob] = []
+
+        async def model(batch: list[DecodeJob]) -> list[DecodeResult]:
+            jobs.extend(batch)
+            tokens = [vocab.timestamp_begin, *text, open_at, open_at] if len(jobs) == 1 else []
+            return [
+                DecodeResult(
+                    tokens=tokens,
+                    avg_logprob=-0.1,
+                    no_speech_prob=0.0,
+                    language="en",
+                    language_probability=1.0,
+                    temperature=0.0,
+                )
+                for _ in batch
+            ]
+
+        options = TranscribeOptions(language="en", min_tail_s=min_tail_s)
+        done = asyncio.run(
+            transcribe(audio, options, model, vocab, lambda _: np.zeros((80, 3000), np.float32))
+        )
+        return jobs, done.transcription
+
+    jobs, result = run(0.0)
+    assert [job.num_frames for job in jobs] == [1450, 50]
+    jobs, result_with_rule = run(1.0)
+    assert [job.num_frames for job in jobs] == [1450]
+    assert result_with_rule.text == result.text == "Hello there."
 
 
 def test_strategy_and_setting() -> None:
@@ -220,7 +305,7 @@ def tiny_en(converted_models_dir) -> WhisperBundle:
 
 
 class Recorder:
-    """The batcher, recording every call's jobs and how many chunks were in flight at once."""
+    """The batcher, recording every call's jobs and how many were in flight at once."""
 
     def __init__(self, bundle: WhisperBundle) -> None:
         self.batcher = Batcher(bundle, settle=0.05)
@@ -230,12 +315,12 @@ class Recorder:
 
     async def __call__(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
         self.calls.append(jobs)
-        self.in_flight += 1
+        self.in_flight += len(jobs)
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             return await self.batcher(jobs)
         finally:
-            self.in_flight -= 1
+            self.in_flight -= len(jobs)
 
 
 def chunked(
@@ -407,9 +492,11 @@ def test_long_file_chunks_are_decoded_together(longform_run) -> None:
     assert wer <= 0.10, result.text  # what test_transcribe holds the sequential loop to
     regions = detect_speech(normalized(load_audio(LONGFORM))).regions
     check_timestamps(result.segments, regions)
-    # The chunks were in flight together (shared batches), never more than max_in_flight.
+    # The chunks were in flight together (shared batches), never more than max_in_flight,
+    # each round as one call (Rounds).
     assert recorder.most_in_flight == 2
     assert max(recorder.batcher.sizes) == 2
+    assert max(len(jobs) for jobs in recorder.calls) == 2
     assert len(recorder.calls) >= 1 + 4  # the language probe, then 4 chunks of 106 s
     # Sliced as the long-form loop's windows are, so that short requests never wait for a
     # whole chunk: every decoding call of a chunk asks for at most slice_tokens steps.

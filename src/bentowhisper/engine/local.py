@@ -51,8 +51,10 @@ class Batcher:
                 self.evicted += sum(result.evicted for result in results)
             except BaseException as exc:  # never leave a request waiting forever
                 for _, future in batch:
-                    future.set_exception(exc)
+                    if not future.done():
+                        future.set_exception(exc)
                 raise
             for jobs, future in batch:
-                future.set_result(results[: len(jobs)])
+                if not future.done():  # its caller may have gone (cancelled) meanwhile
+                    future.set_result(results[: len(jobs)])
                 results = results[len(jobs) :]

@@ -79,15 +79,84 @@ class Lanes:
 
         return call
 
-    def behind(self, decode: DecodeFn, lead: Callable[[], bool]) -> DecodeFn:
-        """``decode`` for a long file's chunk: unless ``lead()``, it waits for the others."""
+    def held(self, lead: Callable[[], bool]) -> bool:
+        """Whether a long file's chunk waits now: unless ``lead()``, while others decode."""
+        return self.others > 0 and not lead()
 
-        async def call(jobs: list[DecodeJob]) -> list[DecodeResult]:
-            while not lead() and self.others:
-                await self._clear.wait()
-            return await decode(jobs)
+    async def until_free(self, lead: Callable[[], bool]) -> None:
+        while self.held(lead):
+            await self._clear.wait()
 
-        return call
+
+class Rounds:
+    """The decode calls of a request's chunks, sent as one call per round.
+
+    The chunks of a file decode in step: their slices come back together and are sent again a
+    few milliseconds apart. BentoML's batcher hands the first call that reaches an idle model
+    over alone, so every round ran as one row and then the rest (the 106 s file's 4 chunks as
+    1 + 3, docs/benchmarks.md). Here a call waits until every chunk still running has made its
+    call, then they go as one. A chunk that waits elsewhere (``leave`` ... ``join``, as
+    :class:`Lanes` makes it) does not hold up the others.
+    """
+
+    def __init__(self, decode: DecodeFn) -> None:
+        self.decode = decode
+        self.running = 0  # chunks that will make another call
+        self._pending: list[tuple[list[DecodeJob], asyncio.Future[list[DecodeResult]]]] = []
+        self._sends: set[asyncio.Task[None]] = set()
+
+    def join(self) -> None:
+        self.running += 1
+
+    def leave(self) -> None:
+        self.running -= 1
+        self._send_if_all_in()
+
+    async def call(self, jobs: list[DecodeJob]) -> list[DecodeResult]:
+        future: asyncio.Future[list[DecodeResult]] = asyncio.get_running_loop().create_future()
+        self._pending.append((jobs, future))
+        self._send_if_all_in()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # A call not yet sent is dropped; a round whose callers are all gone is cancelled.
+            self._pending = [(j, f) for j, f in self._pending if f is not future]
+            self._send_if_all_in()
+            raise
+
+    def _send_if_all_in(self) -> None:
+        if self._pending and len(self._pending) >= self.running:
+            round_, self._pending = self._pending, []
+            send = asyncio.ensure_future(self._send(round_))
+            self._sends.add(send)
+            send.add_done_callback(self._sends.discard)
+
+    async def _send(
+        self, round_: list[tuple[list[DecodeJob], asyncio.Future[list[DecodeResult]]]]
+    ) -> None:
+        futures = [future for _, future in round_]
+
+        def abandoned(_: object) -> None:
+            if all(f.cancelled() for f in futures):
+                send.cancel()
+
+        send = asyncio.current_task()
+        assert send is not None
+        for future in futures:
+            future.add_done_callback(abandoned)
+        try:
+            results = await self.decode([job for jobs, _ in round_ for job in jobs])
+        except BaseException as exc:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
+            if isinstance(exc, Exception):
+                return  # handed to the callers
+            raise
+        for jobs, future in round_:
+            if not future.done():
+                future.set_result(results[: len(jobs)])
+            results = results[len(jobs) :]
 
 
 @dataclass(frozen=True)
@@ -182,6 +251,7 @@ class Chunk:
         return round(min(start + sample - offsets[k], stop) / SAMPLE_RATE, 3)
 
 
+MIN_TAIL_S = 1.0
 # Regions further apart than this go to different chunks: a segment that spans the join of
 # two pieces is shown over the gap between them (in srt/vtt), which should stay a pause.
 MAX_JOIN_GAP_S = 3.0
@@ -240,6 +310,11 @@ async def chunked_events(
     requests decode, and a shorter one counts among those others."""
     duration = len(audio) / SAMPLE_RATE
     long_file = len(audio) > WINDOW_SAMPLES
+    # A chunk ends where its speech does: a remainder under a second that the model left open
+    # is the region's trailing silence, and with the chunk's text as prompt the model filled
+    # 70 ms of it with 127 made-up tokens, three windows in a row (dropped as empty, but each
+    # cost a decode call alone). whisper.cpp stops the same way with less than 1 s left.
+    options = replace(options, min_tail_s=MIN_TAIL_S)
     if long_file:  # its chunks are sliced as its windows would be
         options = replace(options, part_of_long_file=True)
     elif lanes is not None:
@@ -263,13 +338,27 @@ async def chunked_events(
         language, probability = detected.language, detected.language_probability
         options = replace(options, language=language)
 
+    rounds = Rounds(decode)
+
     async def run(index: int, chunk: Chunk) -> TranscriptionDone:
         def lead() -> bool:
             return all(task.done() for task in tasks[:index])
 
-        calls = lanes.behind(decode, lead) if lanes is not None and long_file else decode
+        async def call(jobs: list[DecodeJob]) -> list[DecodeResult]:
+            if lanes is not None and long_file and lanes.held(lead):
+                rounds.leave()
+                try:
+                    await lanes.until_free(lead)
+                finally:
+                    rounds.join()
+            return await rounds.call(jobs)
+
         async with slots:  # a chunk's features exist only while it holds a slot
-            return await _transcribe_chunk(audio, chunk, options, calls, vocab, features)
+            rounds.join()
+            try:
+                return await _transcribe_chunk(audio, chunk, options, call, vocab, features)
+            finally:
+                rounds.leave()
 
     tasks = [asyncio.ensure_future(run(i, chunk)) for i, chunk in enumerate(chunks)]
     segments: list[Segment] = []

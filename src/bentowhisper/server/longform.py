@@ -56,6 +56,8 @@ class TranscribeOptions:
     word_timestamps: bool = False
     slice_tokens: int | None = None  # step budget per decode call for audio over 30 s
     part_of_long_file: bool = False  # a chunk of a long file: sliced as if it were over 30 s
+    # A remainder shorter than this after a window is not decoded (the chunked path: 1 s).
+    min_tail_s: float = 0.0
 
     @property
     def temperatures(self) -> list[float]:
@@ -134,10 +136,13 @@ async def transcribe_events(
     long = options.part_of_long_file or content_frames > N_FRAMES
     sliced = options.slice_tokens if long else None
     request_key = uuid.uuid4().hex
+    min_tail = round(options.min_tail_s * SAMPLE_RATE / HOP_LENGTH)
     seek = 0
     while seek < content_frames:
         window = audio[seek * HOP_LENGTH : seek * HOP_LENGTH + WINDOW_SAMPLES]
         segment_size = min(N_FRAMES, content_frames - seek)
+        if seek and segment_size < min_tail:
+            break  # what the last window left open is too short to hold a word
         if not np.any(np.abs(window[: segment_size * HOP_LENGTH]) >= SILENCE_PEAK):
             seek += segment_size  # digital silence: skipped without decoding
             continue
