@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import jiwer
@@ -415,6 +416,50 @@ def test_failing_windows_fall_back_to_higher_temperatures(tiny_en):
     assert info.fallbacks == info.windows * (len(schedule) - 1)
     assert result.segments
     assert all(segment.temperature == schedule[-1] > 0 for segment in result.segments)
+
+
+def test_a_repeating_slice_falls_back_without_running_to_the_end(tiny_en):
+    """A sliced window whose text already fails the compression check is not resumed: the
+    next temperature starts at once. At the last temperature it is decoded to its end."""
+    vocab = tiny_en.vocab
+    loop = vocab.encode(" we will, we will, we will, we will,")
+    sentence = vocab.encode(" We will rock you.")
+    timestamp = vocab.timestamp_begin
+
+    def run(options: TranscribeOptions) -> tuple[list[tuple[float, int]], Transcription]:
+        calls: list[tuple[float, int]] = []
+
+        async def model(jobs: list[DecodeJob]) -> list[DecodeResult]:
+            (job,) = jobs
+            calls.append((job.temperature, len(job.resume)))
+            if job.temperature == 0.0:  # repeats itself, one slice after another
+                tokens = [*job.resume, *(loop * 8)][: len(job.resume) + job.max_steps]
+                done = len(tokens) >= 96
+            else:
+                tokens, done = [timestamp, *sentence, timestamp + 100], True
+            return [
+                DecodeResult(
+                    tokens=tokens,
+                    avg_logprob=-0.2,
+                    no_speech_prob=0.0,
+                    language="en",
+                    language_probability=1.0,
+                    temperature=job.temperature,
+                    done=done,
+                )
+            ]
+
+        audio = np.full(3 * SAMPLE_RATE, 0.1, np.float32)
+        features = LogMel.from_checkpoint(tiny_en.checkpoint)
+        done = asyncio.run(transcribe(audio, options, model, vocab, features))
+        return calls, done.transcription
+
+    sliced = TranscribeOptions(language="en", slice_tokens=32, part_of_long_file=True)
+    calls, result = run(sliced)
+    assert calls == [(0.0, 0), (0.2, 0)]
+    assert result.text == "We will rock you."
+    calls, _ = run(replace(sliced, temperature_increment=0.0))  # 0.0 is the only temperature
+    assert calls == [(0.0, 0), (0.0, 32), (0.0, 64)]
 
 
 # --------------------------------------------------------------------------------------------

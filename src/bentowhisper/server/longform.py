@@ -217,8 +217,14 @@ async def _decode_with_fallback(
 ) -> DecodeResult:
     """Decode at each temperature of the schedule until the text passes the checks."""
     result: DecodeResult | None = None
-    for attempt, temperature in enumerate(options.temperatures):
-        result = await _decode_to_end(job.at_temperature(temperature), decode)
+    temperatures = options.temperatures
+    for attempt, temperature in enumerate(temperatures):
+        last = attempt == len(temperatures) - 1
+        result = await _decode_to_end(
+            job.at_temperature(temperature),
+            decode,
+            None if last else lambda partial: _too_repetitive(partial, options, vocab),
+        )
         if attempt:
             info.fallbacks += 1
         if job.language is None:  # keep the language detected on the first attempt
@@ -229,14 +235,21 @@ async def _decode_with_fallback(
     return result
 
 
-async def _decode_to_end(job: DecodeJob, decode: DecodeFn) -> DecodeResult:
+async def _decode_to_end(
+    job: DecodeJob, decode: DecodeFn, give_up: Callable[[DecodeResult], bool] | None = None
+) -> DecodeResult:
     """Decode one window, resubmitting it with its tokens so far while it comes back unfinished.
 
     Later slices go without the features while the model service holds the window's encoder
-    output; one it has evicted comes back ``evicted`` and is sent again with them."""
+    output; one it has evicted comes back ``evicted`` and is sent again with them. A slice
+    for which ``give_up`` says yes is not resubmitted: a window that has begun to repeat
+    itself fails the compression check at its end too, and ran to the 224-token limit in
+    7 more slices (docs/benchmarks.md)."""
     (first,) = await decode([job])
     result, current = first, job
     while not result.error and not result.done:
+        if not result.evicted and give_up is not None and give_up(result):
+            break
         current = current.with_features_of(job) if result.evicted else current.resumed(result)
         (result,) = await decode([current])
     if result.error:
@@ -244,14 +257,15 @@ async def _decode_to_end(job: DecodeJob, decode: DecodeFn) -> DecodeResult:
     return result.detected_with(first)
 
 
+def _too_repetitive(result: DecodeResult, options: TranscribeOptions, vocab: Vocabulary) -> bool:
+    threshold = options.compression_ratio_threshold
+    return threshold is not None and compression_ratio(vocab.decode(result.tokens)) > threshold
+
+
 def _needs_fallback(result: DecodeResult, options: TranscribeOptions, vocab: Vocabulary) -> bool:
     if _is_silence(result, options):
         return False  # silence: skipped, not decoded again
-    ratio = compression_ratio(vocab.decode(result.tokens))
-    too_repetitive = (
-        options.compression_ratio_threshold is not None
-        and ratio > options.compression_ratio_threshold
-    )
+    too_repetitive = _too_repetitive(result, options, vocab)
     too_unlikely = options.logprob_threshold is not None and (
         result.avg_logprob < options.logprob_threshold
     )
