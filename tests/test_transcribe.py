@@ -40,7 +40,7 @@ from support import (
     words,
 )
 
-from bentowhisper.engine.decoding import EncoderCache, decode_batch, encode_prefix
+from bentowhisper.engine.decoding import EncoderCache, _Rules, decode_batch, encode_prefix
 from bentowhisper.engine.loading import WhisperBundle, load_whisper
 from bentowhisper.server.audio import decode_audio
 from bentowhisper.server.features import LogMel
@@ -460,6 +460,29 @@ def test_a_repeating_slice_falls_back_without_running_to_the_end(tiny_en):
     assert result.text == "We will rock you."
     calls, _ = run(replace(sliced, temperature_increment=0.0))  # 0.0 is the only temperature
     assert calls == [(0.0, 0), (0.0, 32), (0.0, 64)]
+
+
+def test_a_chunk_window_may_not_end_on_a_segment_opened_too_early(tiny_en):
+    """``cover_until``: after a timestamp pair before it (speech left for another window),
+    <|endoftext|> is refused, so the model goes on with that segment's text; after a later
+    pair, or a segment's closing timestamp, it may end (openai-whisper's rules otherwise)."""
+    vocab = tiny_en.vocab
+    width = tiny_en.model.proj_out.out_features
+    ts = [vocab.timestamp_begin + round(t / vocab.time_precision) for t in (0.0, 4.0, 20.0, 25.0)]
+    text = vocab.encode(" Hello.")
+    histories = {
+        "open at 20 s": [ts[0], *text, ts[2], ts[2]],
+        "open at 25 s": [ts[0], *text, ts[3], ts[3]],
+        "closed at 4 s": [ts[0], *text, ts[1]],
+    }
+    jobs = [DecodeJob(resume=h, cover_until=24.0) for h in histories.values()]
+    jobs.append(DecodeJob(resume=histories["open at 20 s"]))  # no cover_until: may end
+    rules = _Rules(vocab, jobs, torch.device("cpu"), width)
+    logits = torch.zeros(len(jobs), width)
+    logits[:, vocab.eot] = 10.0  # likelier than all timestamps together: no timestamp forced
+    logits = rules.apply(logits, torch.arange(len(jobs)), 0)
+    may_end = torch.isfinite(logits[:, vocab.eot]).tolist()
+    assert may_end == [False, True, True, True]
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ class Settings:
     # no audio without speech is decoded) or "none" (whisper-1's sequential loop).
     chunking: str = "auto"
     # Chunks of one request submitted to the model service at once (server/chunked.py).
-    max_chunks_in_flight: int = 4
+    max_chunks_in_flight: int = 8
 
     # BentoML's access line for every internal decode call (one per window and slice).
     log_decode_requests: bool = False

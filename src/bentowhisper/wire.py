@@ -44,6 +44,9 @@ class DecodeJob(BaseModel):
     # then pays for ~5 s of encoder instead of 30 s, as whisper.cpp's audio_ctx does; even,
     # since the encoder's second convolution halves the frames.
     encode_frames: int | None = Field(None, ge=2, le=N_FRAMES, multiple_of=2)
+    # Seconds from the window's start: no <|endoftext|> right after a timestamp earlier than
+    # this, i.e. with speech left open before it (a chunk's window decodes all its speech).
+    cover_until: float | None = None
 
     @classmethod
     def for_window(cls, mel: np.ndarray, **fields: object) -> DecodeJob:

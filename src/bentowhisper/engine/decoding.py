@@ -375,6 +375,16 @@ class _Rules:
         self.last = torch.tensor([h[-1] for h in history], device=device)
         self.penultimate = torch.tensor([h[-2] for h in history], device=device)
         ts_begin = vocab.timestamp_begin
+        # the timestamp token before which <|endoftext|> may not follow a timestamp
+        self.cover_until = torch.tensor(
+            [
+                -1
+                if job.cover_until is None
+                else ts_begin + round(job.cover_until / vocab.time_precision)
+                for job in jobs
+            ],
+            device=device,
+        )
         self.last_timestamp = torch.tensor(
             [max((t for t in h if t >= ts_begin), default=-1) for h in history], device=device
         )
@@ -395,6 +405,8 @@ class _Rules:
         # timestamps come in pairs: after a pair only text, after a lone one no text
         ban |= (with_ts & last_ts & penult_ts)[:, None] & self.is_timestamp
         ban |= (with_ts & last_ts & ~penult_ts)[:, None] & self.is_text
+        # a window that must cover its speech does not end on a segment opened too early
+        ban[:, v.eot] |= with_ts & last_ts & penult_ts & (last < self.cover_until[active])
         # timestamps never go backwards (and a lone one may repeat, to close its segment)
         seen = self.last_timestamp[active]
         floor = torch.where(last_ts & ~penult_ts, seen, seen + 1)

@@ -56,7 +56,9 @@ class TranscribeOptions:
     word_timestamps: bool = False
     slice_tokens: int | None = None  # step budget per decode call for audio over 30 s
     part_of_long_file: bool = False  # a chunk of a long file: sliced as if it were over 30 s
-    # A remainder shorter than this after a window is not decoded (the chunked path: 1 s).
+    # The chunked path (1 s): the last window decodes all its speech but for its last
+    # min_tail_s (no <|endoftext|> after a timestamp before that), and a remainder shorter
+    # than this after a window is not decoded.
     min_tail_s: float = 0.0
 
     @property
@@ -155,6 +157,11 @@ async def transcribe_events(
             num_frames=segment_size,
             max_steps=sliced,
             key=f"{request_key}:{seek}" if sliced else None,
+            cover_until=(
+                segment_size * HOP_LENGTH / SAMPLE_RATE - options.min_tail_s
+                if options.min_tail_s and seek + segment_size == content_frames
+                else None
+            ),
         )
         result = await _decode_with_fallback(job, options, decode, vocab, info)
         info.windows += 1
