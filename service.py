@@ -34,6 +34,7 @@ from bentowhisper.config import settings
 from bentowhisper.engine.checkpoints import await_converted
 from bentowhisper.server.app import create_app
 from bentowhisper.server.bentoml_patch import patch_timeout_middleware
+from bentowhisper.server.chunked import Lanes
 from bentowhisper.server.docs import HomeRedirect
 from bentowhisper.server.features import LogMel
 from bentowhisper.server.instance import RequestLog, configure_logging, own_metrics_dir
@@ -200,6 +201,8 @@ class BentoWhisper:
             decode=self.decode_windows,
             embed=self.embed_windows if SETTINGS.diarization else None,
             admission=Admission(SETTINGS.max_concurrent_requests),
+            # long files' chunks: max_chunks_in_flight in all, short requests first
+            lanes=Lanes(SETTINGS.max_chunks_in_flight),
         )
 
     @bentoml.on_startup

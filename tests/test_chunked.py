@@ -440,6 +440,29 @@ def test_times_of_a_chunked_file_match_the_audio(gapped, gapped_run) -> None:
     assert result.duration == pytest.approx(len(audio) / SAMPLE_RATE)
 
 
+def test_long_files_share_max_chunks_in_flight(tiny_en, gapped) -> None:
+    """Two long files at once, each allowed 2 chunks in flight, with lanes that allow 2 in
+    all: never more than 2 chunks at the model, and both files come out whole."""
+    audio, _ = gapped
+    recorder, lanes = Recorder(tiny_en), Lanes(long_chunks=2)
+    features = LogMel.from_checkpoint(tiny_en.checkpoint)
+    options = TranscribeOptions(slice_tokens=32, language="en")
+
+    async def one() -> Transcription:
+        events = chunked_events(audio, AUTO, options, recorder, tiny_en.vocab, features, 2, lanes)
+        async for event in events:
+            if isinstance(event, TranscriptionDone):
+                return event.transcription
+        raise AssertionError("no TranscriptionDone")
+
+    async def main() -> list[Transcription]:
+        return list(await asyncio.gather(one(), one()))
+
+    first, second = asyncio.run(main())
+    assert recorder.most_in_flight == 2  # 4 without the shared limit
+    assert "fellow americans" in english(first.text) and english(second.text) == english(first.text)
+
+
 def test_every_chunk_is_conditioned_on_the_prompt(tiny_en, gapped_run) -> None:
     _, recorder = gapped_run
     prompt = tiny_en.vocab.encode(" Printing. Americans.")

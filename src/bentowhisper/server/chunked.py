@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
@@ -57,12 +58,17 @@ class Lanes:
     a decode call of any other request (a short file, a realtime turn) is in flight, each long
     file keeps only its first unfinished chunk going, and its other chunks wait at their next
     slice boundary. With long files alone, their chunks fill the batches as before.
+
+    All long files together keep at most ``long_chunks`` chunks in flight (the setting
+    ``max_chunks_in_flight``, a batch): one file fills a batch, two share it. Without that, two
+    files' full-batch calls queued at the model service ahead of a short request's.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, long_chunks: int | None = None) -> None:
         self.others = 0  # decode calls in flight that are not a long file's chunks
         self._clear = asyncio.Event()
         self._clear.set()
+        self.long_chunks = asyncio.Semaphore(long_chunks) if long_chunks else None
 
     def first(self, decode: DecodeFn) -> DecodeFn:
         """``decode`` for calls that long files' extra chunks make way for."""
@@ -353,7 +359,9 @@ async def chunked_events(
                     rounds.join()
             return await rounds.call(jobs)
 
-        async with slots:  # a chunk's features exist only while it holds a slot
+        shared = lanes.long_chunks if lanes is not None and long_file else None
+        async with slots, shared or contextlib.nullcontext():
+            # a chunk's features exist only while it holds its slots
             rounds.join()
             try:
                 return await _transcribe_chunk(audio, chunk, options, call, vocab, features)
