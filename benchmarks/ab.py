@@ -6,6 +6,10 @@ answers: round k sends each file to every server in turn (the order reversed eve
 round), so a slow minute slows every server alike. Per server and file: the median and the
 fastest time, the WER where a reference is known, and each server's median over the first's.
 
+With ``--peer``, faster-whisper's batched pipeline (batch 8, int8, greedy, on the same
+CTranslate2 weights, ``peer/fw_longform.py --serve``) takes its turn in every round too, in
+its own process, idle while the others answer.
+
 A server is ``NAME=ENV,ENV...``: ``PYTHONPATH=<checkout>/src`` serves another checkout's code
 (its service.py is this checkout's), ``BENTOWHISPER_<KEY>=<value>`` another setting.
 
@@ -21,17 +25,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import statistics
+import subprocess
 from pathlib import Path
 
 from evaluate import load_manifest
-from longform import EVAL, LONGFORM_ID, WARMUP, transcribe, wer
+from longform import EVAL, LONGFORM_ID, PEER_PY, WARMUP, transcribe, wer
 
 from bentowhisper.launcher import start_server
 
 REPO = Path(__file__).resolve().parents[1]
 JFK = EVAL / "audio/en_misc/jfk.flac"
+PEER = "faster-whisper-batched"
 
 
 def parse_server(spec: str) -> tuple[str, dict[str, str]]:
@@ -42,24 +49,51 @@ def parse_server(spec: str) -> tuple[str, dict[str, str]]:
     return name, env
 
 
-async def measure(urls: dict[str, str], files: list[Path], references: dict[Path, str],
-                  repeats: int) -> dict:  # fmt: skip
+class Peer:
+    """faster-whisper in its own venv, one file per request over stdin/stdout."""
+
+    def __init__(self, model: str) -> None:
+        self.proc = subprocess.Popen(
+            [str(PEER_PY), "benchmarks/peer/fw_longform.py", "--model", model,
+             "--serve", "batched"],
+            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert json.loads(self.proc.stdout.readline()).get("ready")
+
+    async def transcribe(self, path: Path) -> tuple[float, str]:
+        def ask() -> dict:
+            self.proc.stdin.write(f"{path}\n")
+            self.proc.stdin.flush()
+            return json.loads(self.proc.stdout.readline())
+
+        answer = await asyncio.to_thread(ask)
+        return answer["seconds"], answer["text"]
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+async def measure(urls: dict[str, str], peer: Peer | None, files: list[Path],
+                  references: dict[Path, str], repeats: int) -> dict:  # fmt: skip
     from openai import AsyncOpenAI
 
     clients = {
         name: AsyncOpenAI(base_url=url, api_key="none", timeout=1800, max_retries=0)
         for name, url in urls.items()
     }
-
     for client in clients.values():
         for _ in range(WARMUP):  # past BentoML's batcher training (longform.py)
             await transcribe(client, JFK)
-    runs: dict[str, dict[str, list[dict]]] = {n: {f.name: [] for f in files} for n in clients}
+    calls = {name: functools.partial(transcribe, client) for name, client in clients.items()}
+    if peer is not None:
+        calls[PEER] = peer.transcribe
+    runs: dict[str, dict[str, list[dict]]] = {n: {f.name: [] for f in files} for n in calls}
     for k in range(repeats):
-        order = list(clients.items())
+        order = list(calls.items())
         for path in files:
-            for name, client in order if k % 2 == 0 else order[::-1]:
-                seconds, text = await transcribe(client, path)
+            for name, call in order if k % 2 == 0 else order[::-1]:
+                seconds, text = await call(path)
                 run = {"seconds": seconds}
                 if path in references:
                     run["wer"] = wer(references[path], text)
@@ -90,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--references", nargs="+", type=Path, default=[])
     p.add_argument("--model", default="base")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--peer", action="store_true", help="faster-whisper in the rotation too")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if args.files:
@@ -98,20 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     else:
         clip = next(c for c in load_manifest(EVAL / "manifest.jsonl") if c.id == LONGFORM_ID)
         files, references = [Path(clip.path)], {Path(clip.path): clip.text}
-    servers = {}
+    servers, peer = {}, None
     try:
+        if args.peer:
+            peer = Peer(args.model)
         for spec in args.server:
             name, env = parse_server(spec)
             env = {"BENTOWHISPER_MODEL": args.model, "BENTOWHISPER_DIARIZATION": "false", **env}
             servers[name] = start_server(log_dir=args.out.parent / "tmp" / f"ab-{name}", env=env)
         for server in servers.values():
             server.wait_ready()
-        report = asyncio.run(
-            measure({n: s.base_url for n, s in servers.items()}, files, references, args.repeats)
-        )
+        urls = {n: s.base_url for n, s in servers.items()}
+        report = asyncio.run(measure(urls, peer, files, references, args.repeats))
     finally:
         for server in servers.values():
             server.stop()
+        if peer is not None:
+            peer.stop()
     report["servers"] = args.server
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

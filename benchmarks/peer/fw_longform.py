@@ -6,6 +6,7 @@ chunks, ``batch_size`` 8, int8, greedy) and ``WhisperModel.transcribe`` (30 s wi
 after another, greedy, no VAD). Each file is transcribed once per mode after an untimed
 warm-up; ``--concurrent N`` also times N copies of the first file one after another (the
 pipeline serves one file at a time). Prints JSON: per mode and file, seconds and text.
+``--serve MODE`` instead answers one file per stdin line, for ``benchmarks/ab.py --peer``.
 
     benchmarks/peer/.venv/bin/python benchmarks/peer/fw_longform.py --model base \\
         --files a.flac b.flac --out /tmp/fw-long.json
@@ -16,16 +17,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+WARMUP_CLIP = "../shared/eval/audio/en_misc/jfk.flac"  # from the repository root
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="base")
-    p.add_argument("--files", nargs="+", type=Path, required=True)
+    p.add_argument("--files", nargs="+", type=Path, default=[])
+    p.add_argument(
+        "--serve",
+        choices=["batched", "sequential"],
+        help="read a file path per stdin line, answer a JSON line {seconds, text} (ab.py)",
+    )
     p.add_argument("--language", default="en")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--cpu-threads", type=int, default=2)
@@ -58,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
             segments, _ = model.transcribe(audio, language=args.language, beam_size=1)
         return " ".join(s.text.strip() for s in segments)
 
+    if args.serve:
+        transcribe(args.serve, decode_audio(str(HERE.parents[1] / WARMUP_CLIP)))  # untimed
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            start = time.perf_counter()
+            text = transcribe(args.serve, decode_audio(line.strip()))
+            print(json.dumps({"seconds": time.perf_counter() - start, "text": text}), flush=True)
+        return 0
     audios = {str(f): decode_audio(str(f)) for f in args.files}
     report: dict = {"model": args.model, "compute_type": "int8", "modes": {}}
     first = next(iter(audios.values()))
