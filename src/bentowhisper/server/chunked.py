@@ -316,10 +316,12 @@ async def chunked_events(
     requests decode, and a shorter one counts among those others."""
     duration = len(audio) / SAMPLE_RATE
     long_file = len(audio) > WINDOW_SAMPLES
-    # A chunk ends where its speech does: a remainder under a second that the model left open
+    # A chunk is decoded in one window. The model may not end it on a segment it opened more
+    # than MIN_TAIL_S before its end: it left the last piece's speech to a second window in
+    # 9 of 10 chunks, a whole encoder pass after all the chunks. A remainder shorter than that
     # is the region's trailing silence, and with the chunk's text as prompt the model filled
     # 70 ms of it with 127 made-up tokens, three windows in a row (dropped as empty, but each
-    # cost a decode call alone). whisper.cpp stops the same way with less than 1 s left.
+    # a decode call alone). whisper.cpp stops the same way with less than 1 s left.
     options = replace(options, min_tail_s=MIN_TAIL_S)
     if long_file:  # its chunks are sliced as its windows would be
         options = replace(options, part_of_long_file=True)
