@@ -32,12 +32,10 @@ import subprocess
 from pathlib import Path
 
 from evaluate import load_manifest
-from longform import EVAL, LONGFORM_ID, PEER_PY, WARMUP, transcribe, wer
+from longform import EVAL, LONGFORM_ID, PEER_PY, REPO, transcribe, warm_up, wer
 
 from bentowhisper.launcher import start_server
 
-REPO = Path(__file__).resolve().parents[1]
-JFK = EVAL / "audio/en_misc/jfk.flac"
 PEER = "faster-whisper-batched"
 
 
@@ -83,8 +81,7 @@ async def measure(urls: dict[str, str], peer: Peer | None, files: list[Path],
         for name, url in urls.items()
     }
     for client in clients.values():
-        for _ in range(WARMUP):  # past BentoML's batcher training (longform.py)
-            await transcribe(client, JFK)
+        await warm_up(client)
     calls = {name: functools.partial(transcribe, client) for name, client in clients.items()}
     if peer is not None:
         calls[PEER] = peer.transcribe

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 PEER_PY = REPO / "benchmarks/peer/.venv/bin/python"
 EVAL = REPO.parent / "shared" / "eval"
+JFK = EVAL / "audio/en_misc/jfk.flac"
 LONGFORM_ID = "ljspeech_LJ001-0001_to_0016"
 ENGLISH_DEV = ("en_ljspeech", "en_librispeech", "en_misc", "fleurs_en")
 VARIANTS = {
@@ -43,7 +44,7 @@ VARIANTS = {
 }
 PAUSE_S = 1.0
 CONCURRENT = 4
-WARMUP = 12
+WARMUP = 12  # jfk requests before anything is timed (warm_up)
 
 
 def assemble(out_dir: Path, seconds: float) -> tuple[Path, str]:
@@ -81,15 +82,18 @@ async def transcribe(client, path: Path) -> tuple[float, str]:
     return time.perf_counter() - t, str(result)
 
 
+async def warm_up(client) -> None:
+    """Untimed jfk requests past BentoML's batcher training, whose first 11 dispatches take
+    1-3 calls each, however many are waiting."""
+    for _ in range(WARMUP):
+        await transcribe(client, JFK)
+
+
 async def measure_ours(base_url: str, files: dict[str, Path], out: Path, label: str) -> dict:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base_url, api_key="none", timeout=1800, max_retries=0)
-    jfk = EVAL / "audio/en_misc/jfk.flac"
-    # Warm-up, untimed: past BentoML's batcher training, whose first 11 dispatches take
-    # 1-3 calls each, however many are waiting.
-    for _ in range(WARMUP):
-        await transcribe(client, jfk)
+    await warm_up(client)
     report: dict = {"files": {}}
     for name, path in files.items():
         seconds, text = await transcribe(client, path)

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=["batched", "sequential"])
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    if not args.files and not args.serve:
+        p.error("give --files, or --serve")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(args.cpu_threads)

@@ -76,7 +76,8 @@ class Settings:
     # What a request without chunking_strategy gets: "auto" (VAD chunks decoded in parallel;
     # no audio without speech is decoded) or "none" (whisper-1's sequential loop).
     chunking: str = "auto"
-    # Chunks of one request submitted to the model service at once (server/chunked.py).
+    # Long files' chunks at the model service at once: per request, and for all requests of
+    # an API worker together (server/chunked.py, Lanes).
     max_chunks_in_flight: int = 8
 
     # BentoML's access line for every internal decode call (one per window and slice).
