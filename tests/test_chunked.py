@@ -525,6 +525,10 @@ def test_long_file_chunks_are_decoded_together(longform_run) -> None:
     # whole chunk: every decoding call of a chunk asks for at most slice_tokens steps.
     steps = [job.max_steps for jobs in recorder.calls[1:] for job in jobs]
     assert set(steps) == {32}, steps
+    # One window per chunk (cover_until): no window started at temperature 0 but each
+    # chunk's first, where the model used to leave a chunk's last piece to a second one.
+    starts = [j for jobs in recorder.calls[1:] for j in jobs if not j.resume and not j.temperature]
+    assert len(starts) == len(pack_chunks(detect_speech(normalized(load_audio(LONGFORM)))))
 
 
 def test_a_closed_stream_stops_decoding(tiny_en) -> None:
